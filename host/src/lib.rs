@@ -1,0 +1,28 @@
+//! Berth: a self-hosted device provisioning service that speaks the wire protocol of Azure
+//! IoT Hub Device Provisioning Service.
+//!
+//! The crate is one library with one public face (this file) and the `berth` binary. Each
+//! folder is one concern; see `docs/ARCHITECTURE.md` for the map and what each may touch.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(clippy::pedantic)]
+
+pub mod attestation;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod hubs;
+pub mod instance;
+pub mod model;
+pub mod protocol;
+pub mod server;
+pub mod service_api;
+pub mod store;
+pub mod telemetry;
+
+pub use config::ServeConfig;
+pub use error::ServiceError;
+pub use instance::Instance;
+pub use service_api::app;

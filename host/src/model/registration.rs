@@ -1,0 +1,38 @@
+//! Registration records (seed REC-01..13): written when a device registers, read and deleted
+//! through the service API, never updated by it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `DeviceRegistrationState` as the service API returns it (wire-protocol.md §8.6).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationState {
+    pub registration_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_date_time_utc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+}
+
+/// A stored record: the state plus the enrollment group it came through, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrationRecord {
+    pub state: RegistrationState,
+    pub enrollment_group_id: Option<String>,
+}

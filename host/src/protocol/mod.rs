@@ -1,0 +1,6 @@
+//! Transports: bytes in, calls to the service API (and later the provisioning core) out.
+//! `tls` builds the server's TLS configuration; `https` is the listener on port 443.
+//! MQTT and AMQP adapters arrive with their issues.
+
+pub mod https;
+pub mod tls;

@@ -1,0 +1,155 @@
+//! The server's TLS identity (DESIGN decision 4): an operator-supplied certificate and key,
+//! or an ECDSA P-256 certificate for `localhost`, `127.0.0.1` and `::1`, signed by a local
+//! CA generated on first start, whose PEM is written to the data directory for clients.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+use crate::instance::write_private;
+
+pub const CA_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca-key.pem";
+const SERVER_CERT_FILE: &str = "server.pem";
+const SERVER_KEY_FILE: &str = "server-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no usable {what}")]
+    Pem { path: PathBuf, what: &'static str },
+    #[error("cannot generate the TLS certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("the TLS certificate and key are not usable together: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// What the listener serves, and the CA file clients should trust (when generated).
+pub struct TlsIdentity {
+    pub config: Arc<ServerConfig>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Loads the operator's certificate, or the generated one (creating it on first start).
+pub fn load_or_create(
+    data_dir: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<TlsIdentity, TlsError> {
+    let (cert_path, key_path, ca_file) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert.to_path_buf(), key.to_path_buf(), None),
+        _ => {
+            let cert_path = data_dir.join(SERVER_CERT_FILE);
+            let key_path = data_dir.join(SERVER_KEY_FILE);
+            let ca_path = data_dir.join(CA_FILE);
+            if !(cert_path.exists() && key_path.exists() && ca_path.exists()) {
+                generate(data_dir)?;
+            }
+            (cert_path, key_path, Some(ca_path))
+        }
+    };
+    let chain = read_chain(&cert_path)?;
+    let private_key = read_key(&key_path)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsIdentity {
+        config: Arc::new(config),
+        ca_file,
+    })
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(io_error(path))?;
+    let chain = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io_error(path))?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            what: "certificate",
+        });
+    }
+    Ok(chain)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = std::fs::read(path).map_err(io_error(path))?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(io_error(path))?
+        .ok_or_else(|| TlsError::Pem {
+            path: path.to_path_buf(),
+            what: "private key",
+        })
+}
+
+/// Generates the local CA and the server certificate it signs.
+fn generate(data_dir: &Path) -> Result<(), TlsError> {
+    let now = time::OffsetDateTime::now_utc();
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name = DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Berth local CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Berth");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_before = now - time::Duration::days(1);
+    ca_params.not_after = now + time::Duration::days(3650);
+    let ca = ca_params.self_signed(&ca_key)?;
+
+    let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])?;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(825);
+    let server = params.signed_by(&server_key, &ca, &ca_key)?;
+
+    let write = |name: &str, contents: &str| {
+        let path = data_dir.join(name);
+        write_private(&path, contents.as_bytes()).map_err(io_error(&path))
+    };
+    write(CA_KEY_FILE, &ca_key.serialize_pem())?;
+    write(SERVER_KEY_FILE, &server_key.serialize_pem())?;
+    write(SERVER_CERT_FILE, &server.pem())?;
+    // Written last: its presence means the set is complete. Public, so readable by all.
+    let ca_path = data_dir.join(CA_FILE);
+    std::fs::write(&ca_path, ca.pem()).map_err(io_error(&ca_path))?;
+    Ok(())
+}

@@ -1,0 +1,264 @@
+"""Fixtures for the Berth service-API conformance suite.
+
+One `berth serve` process per pytest session, on a free loopback port with a temporary data
+directory, talked to through the official Python service SDK (azure-iot-deviceprovisioning).
+
+Environment:
+  BERTH_BIN                  path of the berth binary (default: <repo>/target/debug/berth)
+  BERTH_CONFORMANCE_DB       sqlite (default) or postgres
+  BERTH_TEST_POSTGRES_URL    postgres://user@host:port/db of a server we may create databases on
+                             (required for BERTH_CONFORMANCE_DB=postgres; a fresh database is
+                             created for the session and dropped afterwards)
+  BERTH_STARTUP_TIMEOUT      seconds to wait for /healthz (default 30)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import requests
+from azure.iot.deviceprovisioning import DeviceProvisioningClient
+
+import helpers
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BIN = REPO_ROOT / "target" / "debug" / "berth"
+
+# Set while the session server runs, so the terminal summary can print its log on failure.
+_SERVER_LOG: Optional[Path] = None
+
+
+@dataclass
+class Berth:
+    port: int
+    data_dir: Path
+    ca_path: Path
+    connection_string: str
+    log_path: Path
+    db_mode: str
+
+    @property
+    def base_url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def make_client(self, connection_string: Optional[str] = None) -> DeviceProvisioningClient:
+        return DeviceProvisioningClient.from_connection_string(
+            connection_string or self.connection_string,
+            # azure-core RequestsTransport -> ConnectionConfiguration.verify -> requests `verify=`
+            connection_verify=str(self.ca_path),
+            # Fail fast: no retries (a 5xx must show up as a failure, not as a slow test).
+            retry_total=0,
+            connection_timeout=10,
+            read_timeout=30,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _berth_bin() -> Path:
+    path = Path(os.environ.get("BERTH_BIN") or DEFAULT_BIN)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        pytest.exit(
+            f"berth binary not found or not executable at {path}; "
+            "build it with `cargo build -p berth` or set BERTH_BIN",
+            returncode=3,
+        )
+    return path
+
+
+def _tail(path: Path, limit: int = 20000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return text if len(text) <= limit else "…(truncated)…\n" + text[-limit:]
+
+
+def _psql(url: str, sql: str) -> None:
+    psql = shutil.which("psql")
+    if psql is None:
+        raise RuntimeError("psql not found on PATH (needed to create the PostgreSQL test database)")
+    subprocess.run(
+        [psql, url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=60,
+    )
+
+
+def _postgres_database():
+    """Create a fresh database next to BERTH_TEST_POSTGRES_URL; returns (url, drop_fn)."""
+    base = os.environ.get("BERTH_TEST_POSTGRES_URL")
+    if not base:
+        pytest.exit("BERTH_CONFORMANCE_DB=postgres needs BERTH_TEST_POSTGRES_URL", returncode=3)
+    name = f"berth_conf_{uuid.uuid4().hex[:12]}"
+    parts = urllib.parse.urlsplit(base)
+    url = urllib.parse.urlunsplit(parts._replace(path="/" + name))
+    _psql(base, f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        try:
+            _psql(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except Exception as exc:  # noqa: BLE001 - cleanup must not mask test results
+            print(f"warning: could not drop {name}: {exc}")
+
+    return url, drop
+
+
+def _wait_healthy(proc: subprocess.Popen, ca_path: Path, port: int, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_error = "no attempt yet"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"berth serve exited early with code {proc.returncode}; log:\n{_tail(log_path)}"
+            )
+        if ca_path.is_file():
+            try:
+                r = requests.get(f"https://localhost:{port}/healthz", verify=str(ca_path), timeout=2)
+                if r.status_code == 200:
+                    return
+                last_error = f"/healthz answered {r.status_code}: {r.text[:200]!r}"
+            except requests.RequestException as exc:
+                last_error = repr(exc)
+        else:
+            last_error = f"{ca_path} does not exist yet"
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"berth did not become healthy within {timeout:.0f}s ({last_error}); log:\n{_tail(log_path)}"
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def berth(tmp_path_factory) -> Berth:
+    """The running Berth server for this session."""
+    global _SERVER_LOG
+    binary = _berth_bin()
+    db_mode = os.environ.get("BERTH_CONFORMANCE_DB", "sqlite").strip().lower()
+    if db_mode not in ("sqlite", "postgres"):
+        pytest.exit(f"BERTH_CONFORMANCE_DB must be sqlite or postgres, not {db_mode!r}", returncode=3)
+
+    root = tmp_path_factory.mktemp("berth")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    log_path = root / "berth.log"
+    port = _free_port()
+    common = ["--data-dir", str(data_dir), "--https-port", str(port)]
+    drop_db = None
+    if db_mode == "postgres":
+        url, drop_db = _postgres_database()
+        common += ["--database-url", url]
+
+    env = dict(os.environ)
+    env.setdefault("RUST_LOG", "info")
+    env.setdefault("RUST_BACKTRACE", "1")
+    # The CLI flags are authoritative; make sure no inherited BERTH_* setting overrides them.
+    for var in ("BERTH_DATA_DIR", "BERTH_HTTPS_PORT", "BERTH_DATABASE_URL"):
+        env.pop(var, None)
+
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed in the finalizer
+    _SERVER_LOG = log_path
+    proc = subprocess.Popen(
+        [str(binary), "serve", *common],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=str(root),
+    )
+    try:
+        ca_path = data_dir / "ca.pem"
+        _wait_healthy(proc, ca_path, port, log_path, float(os.environ.get("BERTH_STARTUP_TIMEOUT", "30")))
+        out = subprocess.run(
+            [str(binary), "connection-string", *common],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(root),
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(
+                f"`berth connection-string` failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+            )
+        lines = [line for line in out.stdout.splitlines() if line.strip()]
+        assert len(lines) == 1, f"`berth connection-string` must print exactly one line, got {out.stdout!r}"
+        server = Berth(
+            port=port,
+            data_dir=data_dir,
+            ca_path=ca_path,
+            connection_string=lines[0].strip(),
+            log_path=log_path,
+            db_mode=db_mode,
+        )
+        yield server
+    finally:
+        _stop(proc)
+        log_file.close()
+        if drop_db is not None:
+            drop_db()
+
+
+@pytest.fixture(scope="session")
+def client(berth: Berth) -> DeviceProvisioningClient:
+    c = berth.make_client()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def linked_hub(client) -> str:
+    """A hub linked with a connection string, unlinked again after the test."""
+    host = f"{helpers.unique_id('hub')}.azure-devices.net"
+    body = {
+        "connectionString": helpers.hub_connection_string(host),
+        "allocationWeight": 1,
+        "applyAllocationPolicy": True,
+        "location": "west",
+    }
+    r = helpers.raw(client, "PUT", f"/linkedHubs/{host}", json_body=body)
+    assert r.status_code in (200, 201), f"linking {host} failed: {r.status_code} {r.text()!r}"
+    yield host
+    helpers.raw(client, "DELETE", f"/linkedHubs/{host}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the server log when something failed."""
+    if _SERVER_LOG is None or exitstatus == 0:
+        return
+    terminalreporter.write_sep("=", f"berth server log ({_SERVER_LOG})")
+    terminalreporter.write_line(_tail(_SERVER_LOG, 40000))
+
+
+def pytest_report_header(config):
+    return [
+        f"berth binary: {os.environ.get('BERTH_BIN') or DEFAULT_BIN}",
+        f"database: {os.environ.get('BERTH_CONFORMANCE_DB', 'sqlite')}",
+    ]
+
