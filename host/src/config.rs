@@ -12,10 +12,10 @@ use crate::telemetry::LogFormat;
 /// Where the instance lives; shared by `serve` and the commands that read the instance.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct InstanceArgs {
-    /// Data directory: database (SQLite), secret key, TLS certificate and CA.
+    /// Data directory: database (`SQLite`), secret key, TLS certificate and CA.
     #[arg(long, global = true, env = "BERTH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Database URL: `sqlite://PATH` or `postgres://USER@HOST/DB` (default: SQLite in the data directory).
+    /// Database URL: `sqlite://PATH` or `postgres://USER@HOST/DB` (default: `SQLite` in the data directory).
     #[arg(long, global = true, env = "BERTH_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Host name devices and service clients use to reach this instance.
@@ -105,15 +105,14 @@ pub struct ServeConfig {
 pub const DEFAULT_DATA_DIR: &str = "berth-data";
 
 fn load_file(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
-    let path = match explicit {
-        Some(path) => path.to_path_buf(),
-        None => {
-            let default = PathBuf::from("berth.toml");
-            if !default.exists() {
-                return Ok(FileConfig::default());
-            }
-            default
+    let path = if let Some(path) = explicit {
+        path.to_path_buf()
+    } else {
+        let default = PathBuf::from("berth.toml");
+        if !default.exists() {
+            return Ok(FileConfig::default());
         }
+        default
     };
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
         path: path.clone(),

@@ -1,12 +1,11 @@
 //! Berth: a self-hosted device provisioning service that speaks the wire protocol of Azure
-//! IoT Hub Device Provisioning Service.
+//! `IoT` Hub Device Provisioning Service.
 //!
 //! The crate is one library with one public face (this file) and the `berth` binary. Each
 //! folder is one concern; see `docs/ARCHITECTURE.md` for the map and what each may touch.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
-#![warn(clippy::pedantic)]
 
 pub mod attestation;
 pub mod cli;

@@ -132,9 +132,8 @@ fn string_to_sign(resource_encoded: &str, expiry: i64) -> String {
 
 fn hmac_sha256(key: &[u8], message: &str) -> Vec<u8> {
     // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-    let mut mac = match HmacSha256::new_from_slice(key) {
-        Ok(mac) => mac,
-        Err(_) => return Vec::new(),
+    let Ok(mut mac) = HmacSha256::new_from_slice(key) else {
+        return Vec::new();
     };
     mac.update(message.as_bytes());
     mac.finalize().into_bytes().to_vec()

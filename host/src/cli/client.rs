@@ -45,12 +45,10 @@ impl Target {
     ) -> Result<Self, ClientError> {
         let parsed = HubConnectionString::parse(text)
             .map_err(|why| ClientError::Setup(format!("connection string: {why}")))?;
-        use base64::Engine as _;
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(&parsed.key)
+        let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &parsed.key)
             .map_err(|_| {
-                ClientError::Setup("the connection string key is not Base64".to_owned())
-            })?;
+            ClientError::Setup("the connection string key is not Base64".to_owned())
+        })?;
         Ok(Self {
             authority: parsed.host_name,
             key_name: parsed.key_name,

@@ -71,7 +71,7 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Manage linked IoT hubs.
+    /// Manage linked `IoT` hubs.
     Hub {
         #[command(subcommand)]
         action: HubAction,
@@ -142,10 +142,10 @@ pub struct EnrollmentFields {
     /// Name of a verified CA certificate to accept instead of a certificate file.
     #[arg(long)]
     pub ca_reference: Option<String>,
-    /// TPM endorsement key (Base64 TPM2B_PUBLIC), individual enrollments only.
+    /// TPM endorsement key (Base64 `TPM2B_PUBLIC`), individual enrollments only.
     #[arg(long)]
     pub endorsement_key: Option<String>,
-    /// IoT Hub device ID (individual enrollments only; default: the registration ID).
+    /// `IoT` Hub device ID (individual enrollments only; default: the registration ID).
     #[arg(long)]
     pub device_id: Option<String>,
     /// Hub the device may be assigned to (repeatable).
@@ -163,7 +163,7 @@ pub struct EnrollmentFields {
     /// Initial twin as JSON text, or @FILE.
     #[arg(long)]
     pub initial_twin: Option<String>,
-    /// Mark the devices as IoT Edge devices.
+    /// Mark the devices as `IoT` Edge devices.
     #[arg(long)]
     pub iot_edge: Option<bool>,
     /// Enable or disable the entry.
@@ -316,32 +316,32 @@ async fn open_existing(args: &InstanceArgs) -> Result<Instance, CliError> {
 }
 
 async fn connect(args: &ClientArgs) -> Result<Client, CliError> {
-    let target = match &args.connection_string {
-        Some(text) => Target::from_connection_string(text, args.ca_file.clone())?,
-        None => {
-            let instance = open_existing(&args.instance).await?;
-            let policy = instance
-                .store
-                .access_policy(&args.policy)
-                .await?
-                .ok_or_else(|| {
-                    CliError::Usage(format!(
-                        "there is no shared access policy '{}'",
-                        args.policy
-                    ))
-                })?;
-            use base64::Engine as _;
-            let key = base64::engine::general_purpose::STANDARD
-                .decode(&policy.policy.primary_key)
-                .map_err(|_| CliError::Usage("the policy key is not Base64".to_owned()))?;
-            let port = instance.https_port;
-            Target {
-                authority: instance.service_authority(),
-                key_name: policy.policy.name,
-                key,
-                ca_file: args.ca_file.clone().or_else(|| Some(instance.ca_path())),
-                connect_to: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
-            }
+    let target = if let Some(text) = &args.connection_string {
+        Target::from_connection_string(text, args.ca_file.clone())?
+    } else {
+        let instance = open_existing(&args.instance).await?;
+        let policy = instance
+            .store
+            .access_policy(&args.policy)
+            .await?
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "there is no shared access policy '{}'",
+                    args.policy
+                ))
+            })?;
+        let key = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            &policy.policy.primary_key,
+        )
+        .map_err(|_| CliError::Usage("the policy key is not Base64".to_owned()))?;
+        let port = instance.https_port;
+        Target {
+            authority: instance.service_authority(),
+            key_name: policy.policy.name,
+            key,
+            ca_file: args.ca_file.clone().or_else(|| Some(instance.ca_path())),
+            connect_to: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
         }
     };
     Ok(Client::new(target)?)
@@ -429,7 +429,7 @@ fn field(value: &Value, pointer: &str) -> String {
 fn read_file(path: &PathBuf) -> Result<String, CliError> {
     std::fs::read(path)
         .map(|bytes| {
-            if bytes.starts_with(b"-----") || bytes.iter().all(|b| b.is_ascii()) {
+            if bytes.starts_with(b"-----") || bytes.iter().all(u8::is_ascii) {
                 String::from_utf8_lossy(&bytes).into_owned()
             } else {
                 use base64::Engine as _;

@@ -1,4 +1,4 @@
-//! Linked IoT hubs (seed HUB-01..07): the hubs devices may be assigned to, with their
+//! Linked `IoT` hubs (seed HUB-01..07): the hubs devices may be assigned to, with their
 //! allocation weight and flags. Hub drivers (`record`, `azure`) that act on a hub come with
 //! device registration; this module holds the linked-hub model and its connection strings.
 
@@ -44,7 +44,7 @@ pub struct LinkedHubView {
     pub last_updated_date_time_utc: String,
 }
 
-/// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` of an IoT hub.
+/// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` of an `IoT` hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubConnectionString {
     pub host_name: String,
@@ -71,8 +71,7 @@ impl HubConnectionString {
         let key_name = key_name.ok_or("the connection string has no SharedAccessKeyName")?;
         let key = key.ok_or("the connection string has no SharedAccessKey")?;
         crate::model::names::check_host_name("HostName", &host_name)?;
-        use base64::Engine as _;
-        match base64::engine::general_purpose::STANDARD.decode(&key) {
+        match base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &key) {
             Ok(bytes) if !bytes.is_empty() => {}
             _ => return Err("the connection string's SharedAccessKey is not Base64".to_owned()),
         }

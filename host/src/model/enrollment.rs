@@ -28,7 +28,7 @@ impl EnrollmentKind {
         }
     }
 
-    /// The `type` of the seed's ServiceOperations log properties (MON-08).
+    /// The `type` of the seed's `ServiceOperations` log properties (MON-08).
     pub fn log_type(self) -> &'static str {
         match self {
             Self::Individual => "IndividualEnrollment",
@@ -275,7 +275,7 @@ pub fn validate(
         (Some(path), None) => path.to_owned(),
         (None, None) => return Err(invalid(format!("{} is required", kind.id_field()))),
     };
-    check_registration_id(kind.id_field(), &id).map_err(|why| invalid(why))?;
+    check_registration_id(kind.id_field(), &id).map_err(invalid)?;
     match kind {
         EnrollmentKind::Individual => {
             input.registration_id = Some(id.clone());
@@ -283,7 +283,7 @@ pub fn validate(
                 return Err(invalid("an individual enrollment has no enrollmentGroupId"));
             }
             if let Some(device_id) = &input.device_id {
-                check_device_id(device_id).map_err(|why| invalid(why))?;
+                check_device_id(device_id).map_err(invalid)?;
             }
             if let Some(info) = &input.optional_device_information {
                 if !info.is_object() && !info.is_null() {
@@ -368,7 +368,7 @@ fn validate_hubs(
         named.extend(hubs.iter().map(String::as_str));
     }
     for hub in &named {
-        check_host_name("iotHubs entry", hub).map_err(|why| invalid(why))?;
+        check_host_name("iotHubs entry", hub).map_err(invalid)?;
         if !is_linked(hub) {
             return Err(invalid(format!(
                 "the IoT hub '{hub}' is not linked to this provisioning service; link it first"
@@ -732,9 +732,13 @@ pub fn redacted(doc: &Enrollment) -> Enrollment {
 pub fn attestation_with_secrets(record: &ValidEnrollment) -> Option<AttestationMechanism> {
     let mut attestation = record.doc.attestation.clone()?;
     if attestation.kind == AttestationType::SymmetricKey {
-        attestation.symmetric_key = record.keys.clone();
+        attestation.symmetric_key.clone_from(&record.keys);
     }
     Some(attestation)
+}
+
+fn invalid(message: impl Into<String>) -> ServiceError {
+    ServiceError::invalid(message)
 }
 
 #[cfg(test)]
@@ -849,8 +853,4 @@ mod tests {
         let full = attestation_with_secrets(&valid).unwrap();
         assert!(full.symmetric_key.unwrap().primary_key.is_some());
     }
-}
-
-fn invalid(message: impl Into<String>) -> ServiceError {
-    ServiceError::invalid(message)
 }

@@ -46,17 +46,16 @@ pub fn load_or_create(
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> Result<TlsIdentity, TlsError> {
-    let (cert_path, key_path, ca_file) = match (cert, key) {
-        (Some(cert), Some(key)) => (cert.to_path_buf(), key.to_path_buf(), None),
-        _ => {
-            let cert_path = data_dir.join(SERVER_CERT_FILE);
-            let key_path = data_dir.join(SERVER_KEY_FILE);
-            let ca_path = data_dir.join(CA_FILE);
-            if !(cert_path.exists() && key_path.exists() && ca_path.exists()) {
-                generate(data_dir)?;
-            }
-            (cert_path, key_path, Some(ca_path))
+    let (cert_path, key_path, ca_file) = if let (Some(cert), Some(key)) = (cert, key) {
+        (cert.to_path_buf(), key.to_path_buf(), None)
+    } else {
+        let cert_path = data_dir.join(SERVER_CERT_FILE);
+        let key_path = data_dir.join(SERVER_KEY_FILE);
+        let ca_path = data_dir.join(CA_FILE);
+        if !(cert_path.exists() && key_path.exists() && ca_path.exists()) {
+            generate(data_dir)?;
         }
+        (cert_path, key_path, Some(ca_path))
     };
     let chain = read_chain(&cert_path)?;
     let private_key = read_key(&key_path)?;

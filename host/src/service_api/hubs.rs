@@ -77,7 +77,7 @@ pub(super) async fn put(
     } else {
         call.json()?
     };
-    check_host_name("the hub name", name).map_err(|why| invalid(why))?;
+    check_host_name("the hub name", name).map_err(invalid)?;
     if let Some(body_name) = &input.name {
         if !body_name.eq_ignore_ascii_case(name) {
             return Err(invalid(format!(

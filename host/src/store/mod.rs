@@ -1,13 +1,14 @@
-//! Persistence through sqlx's `Any` driver, so one set of portable SQL serves SQLite (the
-//! embedded default, WAL, `synchronous=FULL`) and PostgreSQL (several stateless nodes on one
+//! Persistence through sqlx's `Any` driver, so one set of portable SQL serves `SQLite` (the
+//! embedded default, WAL, `synchronous=FULL`) and `PostgreSQL` (several stateless nodes on one
 //! database). Everything a node knows lives here: no state is kept only in process memory.
 //!
 //! Writes use optimistic concurrency on the `etag` column, which is correct across nodes;
-//! on SQLite an in-process gate also serializes write transactions, because a deferred
-//! SQLite transaction that reads and then writes fails outright under contention.
+//! on `SQLite` an in-process gate also serializes write transactions, because a deferred
+//! `SQLite` transaction that reads and then writes fails outright under contention.
 
 mod sealing;
 
+use std::fmt::Write as _;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -375,7 +376,7 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Deletes a policy unless it is the last one holding ServiceConfig (which would lock
+    /// Deletes a policy unless it is the last one holding `ServiceConfig` (which would lock
     /// every operator out).
     pub async fn delete_access_policy(&self, name: &str) -> Result<()> {
         let _gate = self.gate().await;
@@ -693,7 +694,7 @@ impl Store {
                     }
                     BulkWrite::Update(id, input) => {
                         self.bulk_upsert(&mut tx, kind, &id, &input, None, &prepare)
-                            .await?
+                            .await?;
                     }
                     BulkWrite::UpdateIfMatch(id, input, etag) => {
                         self.bulk_upsert(&mut tx, kind, &id, &input, Some(&etag), &prepare)
@@ -766,13 +767,13 @@ impl Store {
             } else {
                 value.clone()
             });
-            sql.push_str(&format!(" AND {} = ${}", column.sql(), values.len()));
+            let _ = write!(sql, " AND {} = ${}", column.sql(), values.len());
         }
         if let Some(after) = after {
             values.push(after.to_owned());
-            sql.push_str(&format!(" AND id_key > ${}", values.len()));
+            let _ = write!(sql, " AND id_key > ${}", values.len());
         }
-        sql.push_str(&format!(" ORDER BY id_key LIMIT {}", page_size + 1));
+        let _ = write!(sql, " ORDER BY id_key LIMIT {}", page_size + 1);
         let mut query = sqlx::query(&sql);
         for value in &values {
             query = query.bind(value.clone());
@@ -1002,7 +1003,7 @@ impl Store {
         if done.rows_affected() != 1 {
             return Ok(None);
         }
-        Ok(self.linked_hub(&hub.name).await?)
+        self.linked_hub(&hub.name).await
     }
 
     pub async fn delete_linked_hub(&self, name: &str, if_match: Option<&str>) -> Result<()> {

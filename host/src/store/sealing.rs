@@ -66,13 +66,13 @@ mod tests {
     #[test]
     fn round_trips_and_detects_the_wrong_key() {
         let sealer = Sealer::new(&[7u8; 32]);
-        let sealed = sealer.seal("HostName=h;SharedAccessKey=abc");
-        assert!(!sealed.contains("SharedAccessKey"));
+        let secret = sealer.seal("HostName=h;SharedAccessKey=abc");
+        assert!(!secret.contains("SharedAccessKey"));
         assert_eq!(
-            sealer.open(&sealed).unwrap(),
+            sealer.open(&secret).unwrap(),
             "HostName=h;SharedAccessKey=abc"
         );
-        assert!(Sealer::new(&[8u8; 32]).open(&sealed).is_err());
+        assert!(Sealer::new(&[8u8; 32]).open(&secret).is_err());
         assert_ne!(sealer.seal("x"), sealer.seal("x"), "nonces differ");
     }
 }

@@ -1,0 +1,411 @@
+#![allow(clippy::unwrap_used)]
+//! The real `berth` binary on loopback with a temporary data directory: first start and
+//! restart, port errors, graceful shutdown, and two nodes sharing one `PostgreSQL` database.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    child: Child,
+    port: u16,
+    data_dir: PathBuf,
+    banner: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Node {
+    fn start(data_dir: &Path, port: u16, env: &[(&str, &str)]) -> Node {
+        let mut command = Command::new(BIN);
+        command
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1",
+                "--https-port",
+                &port.to_string(),
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match receiver.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let last = line.starts_with("Next:");
+                    banner.push(line);
+                    if last {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("berth exited early with {status}; printed {banner:?}");
+                    }
+                }
+            }
+        }
+        assert!(
+            banner.iter().any(|l| l.starts_with("Next:")),
+            "no banner: {banner:?}"
+        );
+        Node {
+            child,
+            port,
+            data_dir: data_dir.to_path_buf(),
+            banner,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn banner_value(&self, label: &str) -> String {
+        self.banner
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("{label} not in {:?}", self.banner))
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--https-port", &self.port.to_string()]);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        command.output().unwrap()
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "berth did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(ca: &Path) -> reqwest::blocking::Client {
+    let pem = std::fs::read(ca).unwrap();
+    reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn token(connection_string: &str) -> String {
+    let field = |name: &str| {
+        connection_string
+            .split(';')
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .unwrap()
+            .to_owned()
+    };
+
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(field("SharedAccessKey"))
+        .unwrap();
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    berth::attestation::sas::build_token(
+        &field("HostName"),
+        &key,
+        Some(&field("SharedAccessKeyName")),
+        i64::try_from(expiry).unwrap(),
+    )
+}
+
+#[test]
+fn first_start_creates_the_instance_and_a_restart_reuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let node = Node::start(dir.path(), port, &[]);
+    let scope = node.banner_value("ID scope:");
+    assert!(scope.starts_with("0ne") && scope.len() == 11, "{scope}");
+    let connection_string = node.banner_value("Connection string:");
+    assert!(connection_string.starts_with(&format!(
+        "HostName=localhost:{port};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey="
+    )));
+    let ca = dir.path().join("ca.pem");
+    assert_eq!(
+        node.banner_value("Trust this CA:"),
+        ca.display().to_string()
+    );
+    let printed = node.cli(&["connection-string"]);
+    assert_eq!(
+        String::from_utf8_lossy(&printed.stdout).trim(),
+        connection_string
+    );
+
+    let http = client(&ca);
+    let base = format!("https://localhost:{port}");
+    assert_eq!(
+        http.get(format!("{base}/healthz")).send().unwrap().status(),
+        200
+    );
+    let created = http
+        .put(format!("{base}/enrollments/dev-1?api-version=2021-10-01"))
+        .header("Authorization", token(&connection_string))
+        .json(&json!({"attestation": {"type": "symmetricKey"}}))
+        .send()
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    // The TLS certificate also covers 127.0.0.1.
+    assert_eq!(
+        http.get(format!("https://127.0.0.1:{port}/readyz"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(node.terminate().success(), "SIGTERM ends berth cleanly");
+
+    let node = Node::start(dir.path(), port, &[]);
+    assert_eq!(node.banner_value("ID scope:"), scope);
+    assert_eq!(node.banner_value("Connection string:"), connection_string);
+    let listed = node.cli(&["enrollment", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        listed[0]["registrationId"], "dev-1",
+        "what was acknowledged survived the restart"
+    );
+    assert!(node.terminate().success());
+}
+
+#[test]
+fn a_port_that_cannot_be_bound_is_named_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let output = Command::new(BIN)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1",
+            "--https-port",
+            &port.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("--https-port"), "{stderr}");
+}
+
+#[test]
+fn cli_manages_hubs_groups_and_device_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), free_port(), &[]);
+    let out = node.cli(&[
+        "hub",
+        "link",
+        "hub1.azure-devices.net",
+        "--location",
+        "west",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.cli(&[
+        "enrollment-group",
+        "create",
+        "contoso",
+        "--hub",
+        "hub1.azure-devices.net",
+        "--allocation-policy",
+        "static",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let group: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = group["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = Command::new(BIN)
+        .args([
+            "compute-device-key",
+            "--key",
+            &key,
+            "--registration-id",
+            "toaster-1",
+        ])
+        .output()
+        .unwrap();
+    let derived = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(
+        derived,
+        berth::attestation::sas::derive_device_key(&key, "toaster-1").unwrap()
+    );
+    let out = node.cli(&[
+        "enrollment-group",
+        "update",
+        "contoso",
+        "--enabled",
+        "false",
+        "--json",
+    ]);
+    let updated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(updated["provisioningStatus"], "disabled");
+    assert_eq!(
+        updated["attestation"]["symmetricKey"]["primaryKey"],
+        key.as_str(),
+        "update keeps the keys"
+    );
+    let out = node.cli(&["enrollment-group", "create", "bad_", "--json"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("400"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.cli(&["hub", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hub1.azure-devices.net"));
+}
+
+#[test]
+fn two_nodes_on_one_postgres_see_each_others_writes() {
+    let Ok(base) = std::env::var("BERTH_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "BERTH_TEST_POSTGRES_URL is not set; the PostgreSQL test runs under tests/run.sh"
+        );
+        return;
+    };
+    let url = fresh_database(&base);
+
+    let secret = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
+    let env = [
+        ("BERTH_DATABASE_URL", url.as_str()),
+        ("BERTH_SECRET_KEY", secret.as_str()),
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Node::start(dir_a.path(), free_port(), &env);
+    let b = Node::start(dir_b.path(), free_port(), &env);
+    assert_eq!(
+        a.banner_value("ID scope:"),
+        b.banner_value("ID scope:"),
+        "one instance identity in the database"
+    );
+    let out = a.cli(&["enrollment", "create", "shared-dev", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = b.cli(&["enrollment", "show", "shared-dev", "--json"]);
+    assert!(
+        out.status.success(),
+        "node B sees node A's write at once: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = b.cli(&["enrollment", "delete", "shared-dev"]);
+    assert!(out.status.success());
+    let out = a.cli(&["enrollment", "show", "shared-dev"]);
+    assert!(!out.status.success(), "node A sees node B's delete");
+
+    // A node with another secret key is refused before it serves anything.
+    let other = base64::engine::general_purpose::STANDARD.encode([6u8; 32]);
+    let dir_c = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1",
+            "--https-port",
+            &free_port().to_string(),
+            "--data-dir",
+        ])
+        .arg(dir_c.path())
+        .env("BERTH_DATABASE_URL", &url)
+        .env("BERTH_SECRET_KEY", &other)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("secret key"));
+}
+
+fn fresh_database(base: &str) -> String {
+    let name = format!("berth_it_{}", std::process::id());
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(base).await.unwrap();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+    format!("{prefix}/{name}")
+}
