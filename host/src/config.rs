@@ -216,3 +216,13 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn the_sample_configuration_parses() {
+        let file: super::FileConfig =
+            toml::from_str(include_str!("../../examples/berth.toml")).unwrap();
+        assert_eq!(file.https_port, Some(8443));
+    }
+}

@@ -25,3 +25,6 @@ pub use config::ServeConfig;
 pub use error::ServiceError;
 pub use instance::Instance;
 pub use service_api::app;
+
+#[cfg(test)]
+mod robustness_tests;
