@@ -409,3 +409,67 @@ fn fresh_database(base: &str) -> String {
     });
     format!("{prefix}/{name}")
 }
+
+#[test]
+fn an_acknowledged_write_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut node = Node::start(dir.path(), port, &[]);
+    let out = node.cli(&["enrollment", "create", "durable-1", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    drop(node);
+    let node = Node::start(dir.path(), port, &[]);
+    let out = node.cli(&["enrollment", "show", "durable-1", "--json"]);
+    assert!(
+        out.status.success(),
+        "the acknowledged enrollment is there after a crash"
+    );
+}
+
+#[test]
+fn an_operator_certificate_replaces_the_generated_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (cert_path, key_path, ca_path) = (
+        dir.path().join("op.pem"),
+        dir.path().join("op-key.pem"),
+        dir.path().join("op-ca.pem"),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let port = free_port();
+    let data = dir.path().join("data");
+    let cert_arg = cert_path.display().to_string();
+    let key_arg = key_path.display().to_string();
+    let node = Node::start(
+        &data,
+        port,
+        &[
+            ("BERTH_TLS_CERT", cert_arg.as_str()),
+            ("BERTH_TLS_KEY", key_arg.as_str()),
+        ],
+    );
+    assert!(!data.join("ca.pem").exists(), "no local CA is generated");
+    let status = client(&ca_path)
+        .get(format!("https://localhost:{port}/healthz"))
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    drop(node);
+}
