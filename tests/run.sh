@@ -11,7 +11,8 @@
 #   2. PostgreSQL: a throwaway cluster on 127.0.0.1 (trust auth, temp dir, removed on exit);
 #      exports BERTH_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/berth_test.
 #   3. Python venv tests/conformance/.venv with tests/conformance/requirements.txt.
-#   4. cargo build -p berth, cargo nextest run --workspace (Rust tests also use PostgreSQL).
+#   4. cargo build -p berth, cargo nextest run --workspace (Rust tests also use PostgreSQL),
+#      cargo fmt --check and cargo clippy -D warnings.
 #   5. Conformance suite (official Azure DPS service SDK) against `berth serve`, twice:
 #      BERTH_CONFORMANCE_DB=sqlite and BERTH_CONFORMANCE_DB=postgres.
 #   Exits non-zero if any step fails; the summary at the end lists each step's result.
@@ -73,7 +74,6 @@ declare -a NEED=()
 command -v python3 >/dev/null || NEED+=(python3)
 if [[ ${BERTH_SKIP_CARGO:-0} != 1 ]]; then
   command -v cc >/dev/null || NEED+=(build-essential)
-  command -v pkg-config >/dev/null || NEED+=(pkg-config)
 fi
 if [[ ${#NEED[@]} -gt 0 ]]; then apt_install "${NEED[@]}"; fi
 # python3-venv: Debian splits ensurepip out of python3.
@@ -88,13 +88,18 @@ info "python3: $(python3 --version 2>&1)"
 # ---------------------------------------------------------------------------------------------
 if [[ ${BERTH_SKIP_CARGO:-0} != 1 ]]; then
   section "Rust toolchain"
-  if ! command -v cargo >/dev/null && [[ -f "$HOME/.cargo/env" ]]; then
+  if ! command -v cargo >/dev/null && [[ -f "${HOME:-/root}/.cargo/env" ]]; then
     # shellcheck disable=SC1091
-    source "$HOME/.cargo/env"
+    source "${HOME:-/root}/.cargo/env"
   fi
   if ! command -v cargo >/dev/null || ! command -v rustup >/dev/null; then
     echo "cargo/rustup not found. Install Rust with rustup (https://rustup.rs), then re-run." >&2
     exit 1
+  fi
+  # rust-toolchain.toml pins the channel; install it if this machine lacks it.
+  if ! cargo --version >/dev/null 2>&1; then
+    info "installing the toolchain from rust-toolchain.toml"
+    rustup toolchain install stable --profile minimal --component rustfmt,clippy
   fi
   info "rustup target add wasm32-wasip2"
   rustup target add wasm32-wasip2
@@ -214,6 +219,12 @@ if [[ ${BERTH_SKIP_CARGO:-0} != 1 ]]; then
   else
     info "skipped: the build failed"
     record "cargo nextest" "FAILED (build failed)"
+  fi
+  section "cargo fmt --check, cargo clippy -D warnings"
+  if cargo fmt --all --check && cargo clippy "${LOCKED[@]}" --workspace --all-targets -- -D warnings; then
+    record "fmt + clippy" ok
+  else
+    record "fmt + clippy" FAILED
   fi
 else
   record "cargo build + nextest" "skipped (BERTH_SKIP_CARGO=1)"

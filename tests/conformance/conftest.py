@@ -47,6 +47,22 @@ class Berth:
     connection_string: str
     log_path: Path
     db_mode: str
+    # `berth` plus the flags that select this instance's data dir, port and database.
+    cli: tuple = ()
+    env: Optional[dict] = None
+
+    def run_cli(self, *args: str) -> str:
+        """Run `berth <args…> <instance flags>` and return its stdout (fails on non-zero exit)."""
+        out = subprocess.run(
+            [self.cli[0], *args, *self.cli[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(self.data_dir.parent),
+            env=self.env,
+        )
+        assert out.returncode == 0, f"berth {' '.join(args)} failed ({out.returncode}): {out.stdout}{out.stderr}"
+        return out.stdout
 
     @property
     def base_url(self) -> str:
@@ -99,6 +115,17 @@ def _psql(url: str, sql: str) -> None:
         stdout=subprocess.DEVNULL,
         timeout=60,
     )
+
+
+def _psql_scalar(url: str, sql: str) -> str:
+    out = subprocess.run(
+        [shutil.which("psql") or "psql", url, "-X", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return out.stdout.strip()
 
 
 def _postgres_database():
@@ -171,15 +198,28 @@ def berth(tmp_path_factory) -> Berth:
     port = _free_port()
     common = ["--data-dir", str(data_dir), "--https-port", str(port)]
     drop_db = None
+    pg_url = None
     if db_mode == "postgres":
         url, drop_db = _postgres_database()
+        pg_url = url
         common += ["--database-url", url]
 
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
     env.setdefault("RUST_BACKTRACE", "1")
+    env["NO_COLOR"] = "1"  # plain log file
     # The CLI flags are authoritative; make sure no inherited BERTH_* setting overrides them.
-    for var in ("BERTH_DATA_DIR", "BERTH_HTTPS_PORT", "BERTH_DATABASE_URL"):
+    for var in (
+        "BERTH_DATA_DIR",
+        "BERTH_HTTPS_PORT",
+        "BERTH_DATABASE_URL",
+        "BERTH_HOST_NAME",
+        "BERTH_CONFIG",
+        "BERTH_BIND",
+        "BERTH_TLS_CERT",
+        "BERTH_TLS_KEY",
+        "BERTH_SECRET_KEY",
+    ):
         env.pop(var, None)
 
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in the finalizer
@@ -195,6 +235,18 @@ def berth(tmp_path_factory) -> Berth:
     try:
         ca_path = data_dir / "ca.pem"
         _wait_healthy(proc, ca_path, port, log_path, float(os.environ.get("BERTH_STARTUP_TIMEOUT", "30")))
+        if pg_url is not None:
+            # Guard against a server that silently ignores --database-url: it must have migrated
+            # the fresh database.
+            tables = int(
+                _psql_scalar(
+                    pg_url,
+                    "SELECT count(*) FROM information_schema.tables "
+                    "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+                )
+            )
+            if tables == 0:
+                raise RuntimeError(f"berth is healthy but created no tables in {pg_url}")
         out = subprocess.run(
             [str(binary), "connection-string", *common],
             capture_output=True,
@@ -216,10 +268,13 @@ def berth(tmp_path_factory) -> Berth:
             connection_string=lines[0].strip(),
             log_path=log_path,
             db_mode=db_mode,
+            cli=(str(binary), *common),
+            env=env,
         )
         yield server
     finally:
         _stop(proc)
+        log_file.write(f"\n[conftest] berth serve exited with code {proc.returncode}\n".encode())
         log_file.close()
         if drop_db is not None:
             drop_db()

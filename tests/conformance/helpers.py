@@ -99,6 +99,8 @@ def assert_dps_error(err_or_response: Any, status: int) -> dict:
     assert isinstance(body.get("trackingId"), str) and body["trackingId"], f"trackingId missing: {body!r}"
     assert isinstance(body.get("message"), str) and body["message"], f"message missing: {body!r}"
     parse_utc(body.get("timestampUtc"))
+    header = response.headers.get("x-ms-error-code")
+    assert header == str(code), f"x-ms-error-code header {header!r} must repeat errorCode {code}"
     return body
 
 
@@ -112,7 +114,7 @@ def status_of(exc: HttpResponseError) -> Optional[int]:
 
 
 def raw(client, method: str, path: str, *, json_body: Any = None, headers: Optional[dict] = None,
-        params: Optional[dict] = None):
+        params: Optional[dict] = None, content: Optional[bytes] = None):
     """Send a request through the SDK's pipeline (adds the SAS Authorization header).
     Returns an azure.core.rest.HttpResponse; does not raise on error statuses."""
     query = {"api-version": API_VERSION}
@@ -121,6 +123,8 @@ def raw(client, method: str, path: str, *, json_body: Any = None, headers: Optio
     kwargs: dict = {"params": query, "headers": headers or {}}
     if json_body is not None:
         kwargs["json"] = json_body
+    if content is not None:
+        kwargs["content"] = content
     request = HttpRequest(method, path, **kwargs)
     response = client.send_request(request)
     response.read()

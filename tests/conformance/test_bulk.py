@@ -1,9 +1,9 @@
 """Bulk operations on enrollments and enrollment groups (all-or-nothing per batch)."""
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-from helpers import unique_id
+from helpers import assert_dps_error, unique_id
 
 
 def _sym(reg_id):
@@ -103,3 +103,71 @@ def test_bulk_create_groups_then_conflict_then_delete(client):
     for group_id in ids:
         with pytest.raises(ResourceNotFoundError):
             client.enrollment_group.get(group_id)
+
+
+def test_bulk_update_if_match_etag_with_stale_etag_fails_and_writes_nothing(client):
+    a, b = unique_id("bulk-im"), unique_id("bulk-im")
+    ea = client.enrollment.create_or_update(a, _sym(a))
+    eb = client.enrollment.create_or_update(b, _sym(b))
+    client.enrollment.create_or_update(b, {**_sym(b), "deviceId": "moved-on"})  # eb["etag"] is now stale
+
+    result = client.enrollment.run_bulk_operation(
+        {
+            "mode": "updateIfMatchETag",
+            "enrollments": [
+                {**_sym(a), "deviceId": "new-a", "etag": ea["etag"]},
+                {**_sym(b), "deviceId": "new-b", "etag": eb["etag"]},
+            ],
+        }
+    )
+
+    assert result["isSuccessful"] is False
+    assert [e["registrationId"] for e in result["errors"]] == [b]
+    assert result["errors"][0]["errorCode"] // 1000 == 412
+    assert client.enrollment.get(a).get("deviceId") != "new-a"
+    assert client.enrollment.get(b)["deviceId"] == "moved-on"
+
+
+def test_bulk_update_if_match_etag_with_current_etags_succeeds(client):
+    a = unique_id("bulk-imok")
+    ea = client.enrollment.create_or_update(a, _sym(a))
+
+    result = client.enrollment.run_bulk_operation(
+        {"mode": "updateIfMatchETag", "enrollments": [{**_sym(a), "deviceId": "new-a", "etag": ea["etag"]}]}
+    )
+
+    assert result["isSuccessful"] is True
+    assert client.enrollment.get(a)["deviceId"] == "new-a"
+
+
+def test_bulk_with_more_than_10_items_returns_400_and_writes_nothing(client):
+    ids = [unique_id("bulk-11") for _ in range(11)]
+    with pytest.raises(HttpResponseError) as exc_info:
+        client.enrollment.run_bulk_operation({"mode": "create", "enrollments": [_sym(i) for i in ids]})
+    assert_dps_error(exc_info.value, 400)
+    for reg_id in ids:
+        with pytest.raises(ResourceNotFoundError):
+            client.enrollment.get(reg_id)
+
+
+def test_bulk_with_unknown_mode_returns_400(client):
+    reg_id = unique_id("bulk-mode")
+    with pytest.raises(HttpResponseError) as exc_info:
+        client.enrollment.run_bulk_operation({"mode": "upsertEverything", "enrollments": [_sym(reg_id)]})
+    assert_dps_error(exc_info.value, 400)
+
+
+def test_bulk_with_an_invalid_item_writes_nothing(client):
+    good, bad = unique_id("bulk-good"), unique_id("bulk-bad")
+    items = [_sym(good), {"registrationId": bad, "attestation": {"type": "tpm", "tpm": {"endorsementKey": "%%%"}}}]
+
+    try:
+        result = client.enrollment.run_bulk_operation({"mode": "create", "enrollments": items})
+    except HttpResponseError as exc:
+        assert_dps_error(exc, 400)
+    else:
+        assert result["isSuccessful"] is False
+        assert [e["registrationId"] for e in result["errors"]] == [bad]
+    for reg_id in (good, bad):
+        with pytest.raises(ResourceNotFoundError):
+            client.enrollment.get(reg_id)

@@ -128,3 +128,21 @@ def test_invalid_certificate_is_rejected_with_400(client):
     assert_dps_error(exc_info.value, 400)
     with pytest.raises(ResourceNotFoundError):
         client.enrollment.get(reg_id)
+
+
+def test_round_trip_of_get_result_keeps_the_certificate(client):
+    # Service SDK samples update a record by sending back what GET returned (info only, no certificate).
+    reg_id = unique_id("x509-rt")
+    leaf = make_cert(reg_id)
+    client.enrollment.create_or_update(reg_id, _x509_enrollment(reg_id, leaf.pem))
+
+    got = client.enrollment.get(reg_id)
+    got["provisioningStatus"] = "disabled"
+    updated = client.enrollment.create_or_update(reg_id, got, if_match=got["etag"])
+
+    assert updated["provisioningStatus"] == "disabled"
+    assert_cert_info(updated["attestation"]["x509"]["clientCertificates"]["primary"]["info"], leaf)
+    mech = client.enrollment.get_attestation_mechanism(reg_id)
+    primary = mech["x509"]["clientCertificates"]["primary"]
+    if primary.get("certificate"):
+        assert "BEGIN CERTIFICATE" in primary["certificate"] or primary["certificate"] == leaf.b64_der

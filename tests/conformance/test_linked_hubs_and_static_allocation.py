@@ -89,3 +89,40 @@ def test_group_naming_an_unlinked_hub_returns_400(client):
             },
         )
     assert_dps_error(exc_info.value, 400)
+
+
+def test_iot_hub_host_name_must_be_a_linked_hub(client, linked_hub):
+    bad = unique_id("hubhost-bad")
+    with pytest.raises(HttpResponseError) as exc_info:
+        client.enrollment.create_or_update(
+            bad,
+            {"registrationId": bad, "attestation": {"type": "symmetricKey"}, "iotHubHostName": "nothere.azure-devices.net"},
+        )
+    assert_dps_error(exc_info.value, 400)
+
+    good = unique_id("hubhost-ok")
+    created = client.enrollment.create_or_update(
+        good, {"registrationId": good, "attestation": {"type": "symmetricKey"}, "iotHubHostName": linked_hub}
+    )
+    assert created["iotHubHostName"] == linked_hub
+
+
+def test_iot_hubs_mixing_linked_and_unlinked_hubs_returns_400(client, linked_hub):
+    reg_id = unique_id("static-mixed")
+    with pytest.raises(HttpResponseError) as exc_info:
+        client.enrollment.create_or_update(reg_id, _static(reg_id, [linked_hub, "nothere.azure-devices.net"]))
+    assert_dps_error(exc_info.value, 400)
+
+
+def test_linked_hub_responses_do_not_reveal_the_hub_key(client):
+    host = f"{unique_id('hubsecret')}.azure-devices.net"
+    cs = hub_connection_string(host)
+    key = cs.split("SharedAccessKey=", 1)[1]
+    r = raw(client, "PUT", f"/linkedHubs/{host}", json_body={"connectionString": cs, "location": "west"})
+    assert r.status_code in (200, 201), r.text()
+    try:
+        assert key not in r.text()
+        assert key not in raw(client, "GET", f"/linkedHubs/{host}").text()
+        assert key not in raw(client, "GET", "/linkedHubs").text()
+    finally:
+        raw(client, "DELETE", f"/linkedHubs/{host}")

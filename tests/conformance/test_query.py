@@ -2,7 +2,10 @@
 
 import math
 
-from helpers import raw, unique_id
+import pytest
+from azure.core.exceptions import HttpResponseError
+
+from helpers import assert_dps_error, raw, unique_id
 
 PAGE = 3
 
@@ -110,3 +113,43 @@ def test_enrollment_group_query_where_provisioning_status_filters(client):
     ids = {g["enrollmentGroupId"] for g in result}
     assert enabled in ids and disabled not in ids
     assert all(g["provisioningStatus"] == "enabled" for g in result)
+
+
+@pytest.mark.parametrize("quote", ["'", '"', "`"])
+def test_where_accepts_single_double_and_backtick_string_delimiters(client, quote):
+    reg_id = unique_id("q-quote")
+    client.enrollment.create_or_update(reg_id, _sym(reg_id, deviceId=reg_id + "-dev"))
+
+    query = f"select * from enrollments where deviceId = {quote}{reg_id}-dev{quote}"
+    result = list(client.enrollment.query({"query": query}))
+
+    assert [e["registrationId"] for e in result] == [reg_id]
+
+
+def test_unsupported_query_returns_400(client):
+    with pytest.raises(HttpResponseError) as exc_info:
+        list(client.enrollment.query({"query": "DELETE FROM enrollments"}))
+    assert_dps_error(exc_info.value, 400)
+
+
+def test_query_echoes_the_page_size_header(client):
+    r = raw(
+        client,
+        "POST",
+        "/enrollments/query",
+        json_body={"query": "SELECT * FROM enrollments"},
+        headers={"x-ms-max-item-count": "5"},
+    )
+    assert r.status_code == 200
+    assert r.headers.get("x-ms-max-item-count") == "5"
+
+
+def test_forged_continuation_token_returns_400(client):
+    r = raw(
+        client,
+        "POST",
+        "/enrollments/query",
+        json_body={"query": "SELECT * FROM enrollments"},
+        headers={"x-ms-continuation": "not-a-token-the-server-issued!!"},
+    )
+    assert_dps_error(r, 400)

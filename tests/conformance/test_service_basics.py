@@ -37,3 +37,15 @@ def test_older_api_versions_are_accepted(client):
         r = raw(client, "GET", f"/enrollments/{reg_id}", params={"api-version": version})
         assert r.status_code == 200, (version, r.status_code, r.text())
         assert r.json()["registrationId"] == reg_id
+
+
+def test_secondary_key_connection_string_is_accepted(berth):
+    lines = [line for line in berth.run_cli("connection-string", "--secondary").splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0] != berth.connection_string
+    assert lines[0].startswith(f"HostName=localhost:{berth.port};SharedAccessKeyName=provisioningserviceowner;")
+    secondary = berth.make_client(lines[0])
+    try:
+        assert isinstance(list(secondary.enrollment.query({"query": "SELECT * FROM enrollments"}, top=1)), list)
+    finally:
+        secondary.close()
