@@ -1,5 +1,6 @@
 //! `berth serve`: open the instance, load TLS, bind, print the banner, serve until a signal.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::config::ServeConfig;
@@ -68,7 +69,10 @@ async fn print_banner(
                 "(policy {OWNER_POLICY} was removed; see berth connection-string --policy NAME)"
             )
         });
-    let data_dir = instance.data_dir.display();
+    let mut where_flags = format!("--data-dir {}", instance.data_dir.display());
+    if instance.https_port != 443 {
+        let _ = write!(where_flags, " --https-port {}", instance.https_port);
+    }
     let trust = ca_file.map_or_else(
         || "the operator-supplied certificate's CA".to_owned(),
         |p| p.display().to_string(),
@@ -80,7 +84,7 @@ async fn print_banner(
          \x20 Service endpoint:   {endpoint}\n\
          \x20 Connection string:  {connection_string}\n\
          \x20 Trust this CA:      {trust}\n\
-         Next: link a hub with `berth hub link <hub-host-name> --data-dir {data_dir}`",
+         Next: link a hub with `berth hub link <hub-host-name> {where_flags}`",
         version = env!("CARGO_PKG_VERSION"),
         scope = instance.id_scope,
         host = instance.host_name,
