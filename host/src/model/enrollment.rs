@@ -143,9 +143,13 @@ pub struct CustomAllocationDefinition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum AttestationType {
+    #[serde(alias = "None")]
     None,
+    #[serde(alias = "TPM", alias = "Tpm")]
     Tpm,
+    #[serde(alias = "X509")]
     X509,
+    #[serde(alias = "SymmetricKey", alias = "symmetrickey")]
     SymmetricKey,
 }
 

@@ -18,6 +18,10 @@ struct PolicyInput {
     secondary_key: Option<String>,
     #[allow(dead_code)]
     etag: Option<String>,
+    #[allow(dead_code)]
+    created_date_time_utc: Option<String>,
+    #[allow(dead_code)]
+    last_updated_date_time_utc: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -172,8 +176,13 @@ pub(super) async fn regenerate(
     name: &str,
     call: &Call,
 ) -> Result<Reply, ServiceError> {
-    let input: RegenerateInput = call.json()?;
     let row = load(state, name).await?;
+    if let Some(wanted) = call.if_match() {
+        if !crate::store::etag_matches(wanted, &row.etag) {
+            return Err(ServiceError::PreconditionFailed(name.to_owned()));
+        }
+    }
+    let input: RegenerateInput = call.json()?;
     let mut policy = row.policy.clone();
     match input.key_type.to_ascii_lowercase().as_str() {
         "primary" => policy.primary_key = generate_policy_key(),
@@ -192,7 +201,17 @@ pub(super) async fn regenerate(
     Ok(Reply::ok(to_json(&load(state, name).await?)))
 }
 
-pub(super) async fn delete(state: &ServiceState, name: &str) -> Result<Reply, ServiceError> {
+pub(super) async fn delete(
+    state: &ServiceState,
+    name: &str,
+    call: &Call,
+) -> Result<Reply, ServiceError> {
+    if let Some(wanted) = call.if_match() {
+        let row = load(state, name).await?;
+        if !crate::store::etag_matches(wanted, &row.etag) {
+            return Err(ServiceError::PreconditionFailed(name.to_owned()));
+        }
+    }
     state.store.delete_access_policy(name).await?;
     Ok(Reply::no_content())
 }

@@ -85,7 +85,9 @@ fn check_resource(resource: &str, audience: &Audience, path: &str) -> Result<(),
     // Segment prefix, not character prefix: `/a/b` covers `/a/b/c` but not `/a/bc` (SVC-08).
     if !scope.is_empty() {
         let wanted: Vec<&str> = scope.split('/').collect();
-        let lower_path = path.to_ascii_lowercase();
+        let lower_path = percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .to_ascii_lowercase();
         let actual: Vec<&str> = lower_path.trim_matches('/').split('/').collect();
         if actual.len() < wanted.len() || actual.iter().zip(&wanted).any(|(a, w)| a != w) {
             return Err(ServiceError::Unauthorized(format!(

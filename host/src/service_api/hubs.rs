@@ -72,7 +72,7 @@ pub(super) async fn put(
     name: &str,
     call: &Call,
 ) -> Result<Reply, ServiceError> {
-    let input: LinkedHubInput = if call.body.is_empty() {
+    let input: LinkedHubInput = if call.body.iter().all(u8::is_ascii_whitespace) {
         serde_json::from_str("{}").map_err(|e| invalid(e.to_string()))?
     } else {
         call.json()?
@@ -107,15 +107,23 @@ pub(super) async fn put(
             .as_ref()
             .and_then(|row| row.hub.connection_string.clone()),
         Some(text) => {
-            let parsed_masked = text.contains("SharedAccessKey=*****");
-            if parsed_masked {
+            if text.to_ascii_lowercase().contains("sharedaccesskey=*****") {
+                // A read sent back: keep the stored key, but only for the same key name and hub.
+                let stored = existing
+                    .as_ref()
+                    .and_then(|row| row.hub.connection_string.as_deref())
+                    .and_then(|cs| HubConnectionString::parse(cs).ok())
+                    .ok_or_else(|| {
+                        invalid("connectionString has a masked key and no key is stored to keep")
+                    })?;
+                if !stored.masked().eq_ignore_ascii_case(text.trim()) {
+                    return Err(invalid(
+                        "a masked connectionString can only keep the stored key: send the full connection string to change it",
+                    ));
+                }
                 existing
                     .as_ref()
                     .and_then(|row| row.hub.connection_string.clone())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        invalid("connectionString has a masked key and no key is stored to keep")
-                    })?
             } else {
                 let parsed = HubConnectionString::parse(text)
                     .map_err(|why| invalid(format!("connectionString: {why}")))?;

@@ -65,7 +65,16 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(dispatch)
+        .method_not_allowed_fallback(health_method_not_allowed)
         .with_state(state)
+}
+
+async fn health_method_not_allowed(request: Request) -> Response {
+    let error = ServiceError::MethodNotAllowed {
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+    };
+    respond(Err(error), &uuid::Uuid::new_v4().to_string())
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -383,7 +392,7 @@ fn route(method: &Method, path: &str) -> Result<Operation, ServiceError> {
 
 /// Checks the media type of a request that carries a body (415 otherwise).
 fn check_content_type(headers: &HeaderMap, body: &Bytes) -> Result<(), ServiceError> {
-    if body.is_empty() {
+    if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
     let content_type = headers
@@ -520,7 +529,7 @@ async fn serve(
         Target::PolicyList => access_policies::list(state).await,
         Target::PolicyGet(name) => access_policies::get(state, &name).await,
         Target::PolicyPut(name) => access_policies::put(state, &name, &call).await,
-        Target::PolicyDelete(name) => access_policies::delete(state, &name).await,
+        Target::PolicyDelete(name) => access_policies::delete(state, &name, &call).await,
         Target::PolicyRegenerate(name) => access_policies::regenerate(state, &name, &call).await,
     }
 }
@@ -583,9 +592,7 @@ fn continuation(call: &Call) -> Result<Option<String>, ServiceError> {
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .map(Some)
-        .ok_or_else(|| {
-            ServiceError::invalid("x-ms-continuation is not a token this service issued")
-        })
+        .ok_or_else(|| ServiceError::invalid("x-ms-continuation is not a valid continuation token"))
 }
 
 fn encode_continuation(key: &str) -> String {

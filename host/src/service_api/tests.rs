@@ -913,3 +913,120 @@ async fn health_and_metrics_answer_without_auth() {
         assert!(text.contains("berth_service_operations_total{operation=\"Get\",resource_type=\"IndividualEnrollment\",result_type=\"ClientError\",status=\"404\"} 1"), "{text}");
     }
 }
+
+#[tokio::test]
+async fn review_fixes_hold() {
+    for h in backends().await {
+        // Health endpoints answer other methods with the DPS 405 body.
+        let (status, body, _) = h.raw("POST", "/healthz", None, &[], false).await;
+        assert_error(status, &body, 405, 405_000);
+        // A policy read can be sent back; regenerate and delete honour If-Match.
+        let (_, policy, _) = h
+            .send(
+                "PUT",
+                "/accessPolicies/ops",
+                Some(json!({"rights": "EnrollmentRead"})),
+                &[],
+            )
+            .await;
+        let (status, again, _) = h
+            .send("PUT", "/accessPolicies/ops", Some(policy.clone()), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        let stale = policy["etag"].as_str().unwrap();
+        let (status, body, _) = h
+            .send(
+                "POST",
+                "/accessPolicies/ops/regenerateKey",
+                Some(json!({"keyType": "secondary"})),
+                &[("if-match", stale)],
+            )
+            .await;
+        assert_error(status, &body, 412, 412_001);
+        let (status, body, _) = h
+            .send(
+                "DELETE",
+                "/accessPolicies/ops",
+                None,
+                &[("if-match", stale)],
+            )
+            .await;
+        assert_error(status, &body, 412, 412_001);
+        // A masked connection string keeps the stored key only for the same key name.
+        let cs = "HostName=hub1.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=c2VjcmV0";
+        let (_, hub, _) = h
+            .send(
+                "PUT",
+                "/linkedHubs/hub1.azure-devices.net",
+                Some(json!({"connectionString": cs})),
+                &[],
+            )
+            .await;
+        let (status, _, _) = h
+            .send(
+                "PUT",
+                "/linkedHubs/hub1.azure-devices.net",
+                Some(hub.clone()),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let other = "HostName=hub1.azure-devices.net;SharedAccessKeyName=registryRead;SharedAccessKey=*****";
+        let (status, body, _) = h
+            .send(
+                "PUT",
+                "/linkedHubs/hub1.azure-devices.net",
+                Some(json!({"connectionString": other})),
+                &[],
+            )
+            .await;
+        assert_error(status, &body, 400, 400_004);
+        assert_eq!(
+            h.state
+                .store
+                .linked_hub("hub1.azure-devices.net")
+                .await
+                .unwrap()
+                .unwrap()
+                .hub
+                .connection_string
+                .as_deref(),
+            Some(cs)
+        );
+        // Attestation types are accepted in the .NET spelling too.
+        let (status, body, _) = h
+            .send(
+                "PUT",
+                "/enrollments/dev-9",
+                Some(json!({"attestation": {"type": "SymmetricKey"}})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["attestation"]["type"], "symmetricKey");
+        // A token scoped to an ID covers that ID however the path encodes it.
+        h.send(
+            "PUT",
+            "/enrollments/a:b",
+            Some(json!({"attestation": {"type": "symmetricKey"}})),
+            &[],
+        )
+        .await;
+        let scoped = build_token(
+            &format!("{HOST}/enrollments/a:b"),
+            &h.owner_key,
+            Some(OWNER_POLICY),
+            crate::clock::unix_now() + 60,
+        );
+        let (status, _, _) = h
+            .raw(
+                "GET",
+                "/enrollments/a%3Ab",
+                None,
+                &[("authorization", &scoped)],
+                false,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}

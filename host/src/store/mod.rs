@@ -1017,10 +1017,16 @@ impl Store {
                 return Err(StoreError::PreconditionFailed(name.to_owned()));
             }
         }
-        sqlx::query("DELETE FROM linked_hubs WHERE name_key = $1")
+        let done = sqlx::query("DELETE FROM linked_hubs WHERE name_key = $1 AND etag = $2")
             .bind(name.to_ascii_lowercase())
+            .bind(&existing.etag)
             .execute(&self.pool)
             .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!(
+                "hub '{name}' changed while it was being unlinked; try again"
+            )));
+        }
         Ok(())
     }
 }
