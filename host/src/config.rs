@@ -12,10 +12,10 @@ use crate::telemetry::LogFormat;
 /// Where the instance lives; shared by `serve` and the commands that read the instance.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct InstanceArgs {
-    /// Data directory: database (`SQLite`), secret key, TLS certificate and CA.
+    /// Data directory: database (SQLite), secret key, TLS certificate and CA.
     #[arg(long, global = true, env = "BERTH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Database URL: `sqlite://PATH` or `postgres://USER@HOST/DB` (default: `SQLite` in the data directory).
+    /// Database URL: `sqlite://PATH` or `postgres://USER@HOST/DB` (default: SQLite in the data directory).
     #[arg(long, global = true, env = "BERTH_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Host name devices and service clients use to reach this instance.
@@ -53,6 +53,18 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, env = "BERTH_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<u64>,
+    /// MQTT-over-TLS port for devices (the SDKs expect 8883; 0 turns MQTT over TLS off).
+    #[arg(long, env = "BERTH_MQTT_PORT")]
+    pub mqtt_port: Option<u16>,
+    /// Service-wide device registrations per minute (default: unlimited).
+    #[arg(long, env = "BERTH_REGISTRATION_RATE")]
+    pub registration_rate: Option<u32>,
+    /// geoLatency: client address range to hub location, `CIDR=LOCATION` (repeatable).
+    #[arg(long = "geo", env = "BERTH_GEO", value_delimiter = ',')]
+    pub geo: Vec<String>,
+    /// PEM CA to trust for hubs of the azure driver, in addition to the system roots.
+    #[arg(long, env = "BERTH_HUB_CA_FILE")]
+    pub hub_ca_file: Option<PathBuf>,
 }
 
 /// The TOML file: the same settings, in snake case.
@@ -69,6 +81,11 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     log_format: Option<LogFormat>,
     shutdown_grace: Option<u64>,
+    mqtt_port: Option<u16>,
+    registration_rate: Option<u32>,
+    #[serde(default)]
+    geo: Vec<String>,
+    hub_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +117,11 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    /// 0: MQTT over TLS is off.
+    pub mqtt_port: u16,
+    pub registration_rate: Option<u32>,
+    pub geo: crate::allocation::GeoMap,
+    pub hub_ca_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "berth-data";
@@ -146,6 +168,22 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(
                 args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30),
             ),
+            mqtt_port: args.mqtt_port.or(file.mqtt_port).unwrap_or(8883),
+            registration_rate: args
+                .registration_rate
+                .or(file.registration_rate)
+                .filter(|r| *r > 0),
+            geo: crate::allocation::GeoMap::parse(
+                if args.geo.is_empty() {
+                    &file.geo
+                } else {
+                    &args.geo
+                }
+                .iter()
+                .map(String::as_str),
+            )
+            .map_err(ConfigError::Invalid)?,
+            hub_ca_file: args.hub_ca_file.clone().or(file.hub_ca_file),
         };
         if config.https_port == 0 {
             return Err(ConfigError::Invalid("https_port must not be 0".to_owned()));

@@ -32,6 +32,9 @@ pub enum ServiceError {
     PreconditionFailed(String),
     #[error("unsupported content type '{0}': send application/json")]
     UnsupportedMediaType(String),
+    /// Over a rate limit (seed RATE-03/04); the caller retries after `retry_after` seconds.
+    #[error("{message}")]
+    Throttled { message: String, retry_after: u32 },
     #[error("{0}")]
     Internal(String),
 }
@@ -44,6 +47,9 @@ pub enum NotFoundKind {
     Registration,
     LinkedHub,
     AccessPolicy,
+    IdScope,
+    Operation,
+    HubDevice,
 }
 
 impl fmt::Display for NotFoundKind {
@@ -54,6 +60,9 @@ impl fmt::Display for NotFoundKind {
             Self::Registration => "registration",
             Self::LinkedHub => "linked hub",
             Self::AccessPolicy => "shared access policy",
+            Self::IdScope => "ID scope",
+            Self::Operation => "operation",
+            Self::HubDevice => "device in the hub registry",
         })
     }
 }
@@ -81,6 +90,7 @@ impl ServiceError {
             Self::Conflict(_) => 409,
             Self::PreconditionFailed(_) => 412,
             Self::UnsupportedMediaType(_) => 415,
+            Self::Throttled { .. } => 429,
             Self::Internal(_) => 500,
         }
     }
@@ -100,12 +110,16 @@ impl ServiceError {
                 NotFoundKind::Registration => 404_203,
                 NotFoundKind::LinkedHub => 404_204,
                 NotFoundKind::AccessPolicy => 404_205,
+                NotFoundKind::IdScope => 404_206,
+                NotFoundKind::Operation => 404_207,
+                NotFoundKind::HubDevice => 404_208,
             },
             Self::RouteNotFound { .. } => 404_000,
             Self::MethodNotAllowed { .. } => 405_000,
             Self::Conflict(_) => 409_201,
             Self::PreconditionFailed(_) => 412_001,
             Self::UnsupportedMediaType(_) => 415_001,
+            Self::Throttled { .. } => 429_001,
             Self::Internal(_) => 500_000,
         }
     }

@@ -1,5 +1,5 @@
 //! Berth: a self-hosted device provisioning service that speaks the wire protocol of Azure
-//! `IoT` Hub Device Provisioning Service.
+//! IoT Hub Device Provisioning Service.
 //!
 //! The crate is one library with one public face (this file) and the `berth` binary. Each
 //! folder is one concern; see `docs/ARCHITECTURE.md` for the map and what each may touch.
@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod allocation;
 pub mod attestation;
 pub mod cli;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod hubs;
 pub mod instance;
 pub mod model;
 pub mod protocol;
+pub mod provisioning;
 pub mod server;
 pub mod service_api;
 pub mod store;

@@ -1,12 +1,20 @@
-//! `berth serve`: open the instance, load TLS, bind, print the banner, serve until a signal.
+//! `berth serve`: open the instance, load TLS, bind the HTTPS and MQTT ports, print the
+//! banner, serve until SIGINT or SIGTERM.
 
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
 use crate::config::ServeConfig;
+use crate::hubs::azure::AzureDriver;
+use crate::hubs::driver::{HubDrivers, HubError};
 use crate::instance::{Instance, InstanceError};
 use crate::model::access::OWNER_POLICY;
-use crate::protocol::{https, tls};
+use crate::protocol::{https, mqtt, tls};
+use crate::provisioning::{Provisioning, ProvisioningSettings};
 use crate::service_api::{app, Audience, ServiceState};
 use crate::telemetry::metrics::Metrics;
 
@@ -18,8 +26,15 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Bind(#[from] https::BindError),
+    #[error("cannot listen on {address} for MQTT: {source}. Choose another port with --mqtt-port (or BERTH_MQTT_PORT), or 0 to turn MQTT over TLS off")]
+    MqttBind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot read the instance: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot set up the azure hub driver: {0}")]
+    HubDriver(#[from] HubError),
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -31,23 +46,59 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         config.tls_key.as_deref(),
     )?;
     let listener = https::bind(config.bind, config.https_port).await?;
+    let mqtt_listener = bind_mqtt(&config).await?;
+    let metrics = Arc::new(Metrics::default());
+    let drivers = HubDrivers::new(
+        instance.store.clone(),
+        AzureDriver::new(config.hub_ca_file.as_deref())?,
+    );
+    let settings = ProvisioningSettings {
+        geo: config.geo.clone(),
+        registrations_per_minute: config.registration_rate,
+    };
+    let provisioning = Arc::new(Provisioning::new(
+        instance.store.clone(),
+        drivers,
+        instance.id_scope.clone(),
+        settings,
+        metrics.clone(),
+    ));
+    crate::provisioning::spawn_housekeeping(provisioning.clone());
     let state = Arc::new(ServiceState {
         store: instance.store.clone(),
         audience: Audience::new(&instance.host_name, config.https_port),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
+        provisioning: provisioning.clone(),
     });
-    print_banner(&instance, identity.ca_file.as_deref()).await?;
+    print_banner(&instance, identity.ca_file.as_deref(), config.mqtt_port).await?;
     tracing::info!(
         id_scope = instance.id_scope.as_str(),
         https_port = config.https_port,
+        mqtt_port = config.mqtt_port,
         backend = ?instance.store.backend(),
         "berth is serving"
     );
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    if let Some(mqtt_listener) = mqtt_listener {
+        let mut mqtt_tls = (*identity.config).clone();
+        // MQTT clients may offer ALPN values of their own; answer without ALPN.
+        mqtt_tls.alpn_protocols.clear();
+        tokio::spawn(mqtt::run_listener(
+            mqtt_listener,
+            Arc::new(mqtt_tls),
+            provisioning,
+            stopped_signal(stopped.clone()),
+        ));
+    }
     https::run(
         listener,
         identity.config,
         app(state),
-        shutdown_signal(),
+        stopped_signal(stopped),
         config.shutdown_grace,
     )
     .await;
@@ -56,9 +107,38 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
     Ok(())
 }
 
+async fn stopped_signal(mut receiver: watch::Receiver<bool>) {
+    let _ = receiver.wait_for(|stop| *stop).await;
+}
+
+async fn bind_mqtt(config: &ServeConfig) -> Result<Option<TcpListener>, StartError> {
+    if config.mqtt_port == 0 {
+        return Ok(None);
+    }
+    let candidates = match config.bind {
+        Some(ip) => vec![SocketAddr::new(ip, config.mqtt_port)],
+        None => vec![
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), config.mqtt_port),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.mqtt_port),
+        ],
+    };
+    let mut last = None;
+    for address in candidates {
+        match TcpListener::bind(address).await {
+            Ok(listener) => return Ok(Some(listener)),
+            Err(source) => last = Some(StartError::MqttBind { address, source }),
+        }
+    }
+    Err(last.unwrap_or(StartError::MqttBind {
+        address: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.mqtt_port),
+        source: std::io::Error::other("no address to bind"),
+    }))
+}
+
 async fn print_banner(
     instance: &Instance,
     ca_file: Option<&std::path::Path>,
+    mqtt_port: u16,
 ) -> Result<(), StartError> {
     let endpoint = format!("https://{}", instance.service_authority());
     let connection_string = instance
@@ -77,10 +157,19 @@ async fn print_banner(
         || "the operator-supplied certificate's CA".to_owned(),
         |p| p.display().to_string(),
     );
+    let mqtt = if mqtt_port == 0 {
+        "off".to_owned()
+    } else {
+        format!(
+            "mqtts://{}:{mqtt_port}, and MQTT over WebSocket on the HTTPS port",
+            instance.host_name
+        )
+    };
     println!(
         "Berth {version} is serving.\n\
          \x20 ID scope:           {scope}\n\
          \x20 Device endpoint:    {endpoint}  (the SDKs' provisioning host: {host})\n\
+         \x20 MQTT endpoint:      {mqtt}\n\
          \x20 Service endpoint:   {endpoint}\n\
          \x20 Connection string:  {connection_string}\n\
          \x20 Trust this CA:      {trust}\n\

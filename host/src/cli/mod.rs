@@ -41,6 +41,11 @@ pub enum Command {
         #[arg(long)]
         secondary: bool,
     },
+    /// Print the instance's ID scope (devices need it with the endpoint).
+    IdScope {
+        #[command(flatten)]
+        instance: InstanceArgs,
+    },
     /// Derive a group member's device key from the group key.
     ComputeDeviceKey {
         /// The enrollment group's primary or secondary key (Base64).
@@ -71,7 +76,7 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Manage linked `IoT` hubs.
+    /// Manage linked IoT hubs.
     Hub {
         #[command(subcommand)]
         action: HubAction,
@@ -145,7 +150,7 @@ pub struct EnrollmentFields {
     /// TPM endorsement key (Base64 `TPM2B_PUBLIC`), individual enrollments only.
     #[arg(long)]
     pub endorsement_key: Option<String>,
-    /// `IoT` Hub device ID (individual enrollments only; default: the registration ID).
+    /// IoT Hub device ID (individual enrollments only; default: the registration ID).
     #[arg(long)]
     pub device_id: Option<String>,
     /// Hub the device may be assigned to (repeatable).
@@ -163,7 +168,7 @@ pub struct EnrollmentFields {
     /// Initial twin as JSON text, or @FILE.
     #[arg(long)]
     pub initial_twin: Option<String>,
-    /// Mark the devices as `IoT` Edge devices.
+    /// Mark the devices as IoT Edge devices.
     #[arg(long)]
     pub iot_edge: Option<bool>,
     /// Enable or disable the entry.
@@ -283,6 +288,7 @@ pub async fn run(command: Command) -> Result<String, CliError> {
                     CliError::Usage(format!("there is no shared access policy '{policy}'"))
                 })
         }
+        Command::IdScope { instance } => Ok(open_existing(&instance).await?.id_scope),
         Command::ComputeDeviceKey {
             key,
             registration_id,

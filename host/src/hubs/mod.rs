@@ -1,6 +1,8 @@
-//! Linked `IoT` hubs (seed HUB-01..07): the hubs devices may be assigned to, with their
-//! allocation weight and flags. Hub drivers (`record`, `azure`) that act on a hub come with
-//! device registration; this module holds the linked-hub model and its connection strings.
+//! Linked IoT hubs (seed HUB-01..07): the hubs devices may be assigned to, with their
+//! allocation weight and flags, their connection strings, and the drivers that act on them.
+
+pub mod azure;
+pub mod driver;
 
 use serde::Serialize;
 
@@ -44,7 +46,7 @@ pub struct LinkedHubView {
     pub last_updated_date_time_utc: String,
 }
 
-/// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` of an `IoT` hub.
+/// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` of an IoT hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubConnectionString {
     pub host_name: String,

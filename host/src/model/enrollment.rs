@@ -331,10 +331,8 @@ pub fn validate(
     input
         .provisioning_status
         .get_or_insert(ProvisioningStatus::Enabled);
-    input.reprovision_policy.get_or_insert(ReprovisionPolicy {
-        update_hub_assignment: true,
-        migrate_device_data: true,
-    });
+    // `reprovisionPolicy` stays absent when not given: reads show the default, and the
+    // legacy sticky rule (REPROV-09) applies only to enrollments without one.
     if let Some(twin) = &input.initial_twin {
         validate_initial_twin(twin)?;
     }
@@ -772,11 +770,8 @@ mod tests {
             Some(ProvisioningStatus::Enabled)
         );
         assert_eq!(
-            valid.doc.reprovision_policy,
-            Some(ReprovisionPolicy {
-                update_hub_assignment: true,
-                migrate_device_data: true
-            })
+            valid.doc.reprovision_policy, None,
+            "stored as given; reads add the default"
         );
     }
 

@@ -1,5 +1,5 @@
 //! Naming rules from the seed: registration IDs and enrollment group names (ENR-06, LIM-08),
-//! `IoT` Hub device IDs (ENR-08) and hub host names.
+//! IoT Hub device IDs (ENR-08) and hub host names.
 
 /// Registration IDs and group names: alphanumerics plus `- . _ :`, at most 128 characters,
 /// the last alphanumeric or `-`. Compared case-insensitively.
@@ -26,7 +26,7 @@ pub fn check_registration_id(what: &str, id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `IoT` Hub device IDs: up to 128 ASCII characters, alphanumerics plus `- . + % _ # * ? ! ( ) , : = @ $ '`.
+/// IoT Hub device IDs: up to 128 ASCII characters, alphanumerics plus `- . + % _ # * ? ! ( ) , : = @ $ '`.
 pub fn check_device_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err("deviceId must be 1 to 128 characters long".to_owned());

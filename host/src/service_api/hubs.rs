@@ -179,3 +179,28 @@ pub(super) async fn delete(
 fn invalid(message: impl Into<String>) -> ServiceError {
     ServiceError::invalid(message)
 }
+
+/// What the `record` driver wrote for a device: identity (with keys) and twin.
+pub(super) async fn device(
+    state: &ServiceState,
+    name: &str,
+    device_id: &str,
+) -> Result<Reply, ServiceError> {
+    let row = state
+        .store
+        .hub_device(name, device_id)
+        .await?
+        .ok_or_else(|| ServiceError::not_found(NotFoundKind::HubDevice, device_id))?;
+    Ok(Reply::ok(serde_json::json!({
+        "deviceId": row.identity.device_id,
+        "authentication": {
+            "type": "sas",
+            "symmetricKey": {"primaryKey": row.identity.primary_key, "secondaryKey": row.identity.secondary_key},
+        },
+        "capabilities": {"iotEdge": row.identity.iot_edge},
+        "twin": row.twin,
+        "etag": row.etag,
+        "createdDateTimeUtc": row.created,
+        "lastUpdatedDateTimeUtc": row.updated,
+    })))
+}

@@ -54,6 +54,8 @@ pub struct ServiceState {
     pub store: Store,
     pub audience: Audience,
     pub metrics: Arc<Metrics>,
+    /// The device API served on the same listener.
+    pub provisioning: Arc<crate::provisioning::Provisioning>,
 }
 
 pub type AppState = Arc<ServiceState>;
@@ -191,6 +193,7 @@ enum Target {
     HubGet(String),
     HubPut(String),
     HubDelete(String),
+    HubDevice(String, String),
     PolicyList,
     PolicyGet(String),
     PolicyPut(String),
@@ -346,6 +349,21 @@ fn route(method: &Method, path: &str) -> Result<Operation, ServiceError> {
             Right::ServiceConfig,
             Target::HubDelete(name.clone()),
         )),
+        ("linkedhubs", 4, Some(name))
+            if segments
+                .get(2)
+                .is_some_and(|s| s.eq_ignore_ascii_case("devices"))
+                && m == Method::GET =>
+        {
+            let device = segments.get(3).cloned().unwrap_or_default();
+            Ok(op(
+                "GetDevice",
+                "LinkedHub",
+                Some(name),
+                Right::ServiceConfig,
+                Target::HubDevice(name.clone(), device),
+            ))
+        }
         ("linkedhubs", 1 | 2, _) => Err(not_allowed()),
         ("accesspolicies", 1, _) if m == Method::GET => Ok(op(
             "List",
@@ -391,7 +409,7 @@ fn route(method: &Method, path: &str) -> Result<Operation, ServiceError> {
 }
 
 /// Checks the media type of a request that carries a body (415 otherwise).
-fn check_content_type(headers: &HeaderMap, body: &Bytes) -> Result<(), ServiceError> {
+pub(crate) fn check_content_type(headers: &HeaderMap, body: &Bytes) -> Result<(), ServiceError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
@@ -409,7 +427,7 @@ fn check_content_type(headers: &HeaderMap, body: &Bytes) -> Result<(), ServiceEr
     }
 }
 
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ServiceError> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ServiceError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -440,6 +458,32 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     .find_map(|name| parts.headers.get(*name).and_then(|v| v.to_str().ok()))
     .map_or_else(|| tracking_id.clone(), |v| v.chars().take(128).collect());
     let path = parts.uri.path().to_owned();
+
+    if parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    {
+        return crate::protocol::mqtt::websocket(state.provisioning.clone(), parts, caller).await;
+    }
+    if let Some(device_route) = crate::protocol::device_http::route(&parts.method, &path) {
+        let outcome = match device_route {
+            Ok(device_route) => {
+                crate::protocol::device_http::handle(
+                    &state.provisioning,
+                    device_route,
+                    &parts.headers,
+                    parts.uri.query(),
+                    body,
+                    caller,
+                )
+                .await
+            }
+            Err(error) => Err(error),
+        };
+        return outcome.unwrap_or_else(|error| respond(Err(error), &tracking_id));
+    }
 
     let operation = route(&parts.method, &path);
     let (name, resource_type, id) = match &operation {
@@ -526,6 +570,7 @@ async fn serve(
         Target::HubGet(name) => hubs::get(state, &name).await,
         Target::HubPut(name) => hubs::put(state, &name, &call).await,
         Target::HubDelete(name) => hubs::delete(state, &name, &call).await,
+        Target::HubDevice(name, device) => hubs::device(state, &name, &device).await,
         Target::PolicyList => access_policies::list(state).await,
         Target::PolicyGet(name) => access_policies::get(state, &name).await,
         Target::PolicyPut(name) => access_policies::put(state, &name, &call).await,
@@ -563,9 +608,19 @@ fn respond(outcome: Result<Reply, ServiceError>, tracking_id: &str) -> Response 
             if let Ok(code) = HeaderValue::from_str(&error.error_code().to_string()) {
                 response.headers_mut().insert("x-ms-error-code", code);
             }
+            if let ServiceError::Throttled { retry_after, .. } = &error {
+                response
+                    .headers_mut()
+                    .insert("retry-after", HeaderValue::from(*retry_after));
+            }
             response
         }
     }
+}
+
+/// The DPS error body for `error`, for transports that fail before a handler runs.
+pub(crate) fn error_response(error: ServiceError) -> Response {
+    respond(Err(error), &uuid::Uuid::new_v4().to_string())
 }
 
 /// Page size from `x-ms-max-item-count` (default 100, at most 1000).
@@ -619,3 +674,6 @@ fn page_reply(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod device_tests;

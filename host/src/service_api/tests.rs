@@ -1,5 +1,5 @@
-//! Router tests: the whole service API in process (`app()` + `oneshot`), on `SQLite` and, when
-//! `BERTH_TEST_POSTGRES_URL` is set, on `PostgreSQL` too.
+//! Router tests: the whole service API in process (`app()` + `oneshot`), on SQLite and, when
+//! `BERTH_TEST_POSTGRES_URL` is set, on PostgreSQL too.
 
 use std::sync::Arc;
 
@@ -17,15 +17,16 @@ use crate::store::{Sealer, Store};
 use crate::telemetry::metrics::Metrics;
 
 const HOST: &str = "localhost:8443";
+pub(crate) const ID_SCOPE: &str = "0ne0000ABCD";
 
-struct Harness {
-    state: Arc<ServiceState>,
-    owner_key: Vec<u8>,
+pub(super) struct Harness {
+    pub(super) state: Arc<ServiceState>,
+    pub(super) owner_key: Vec<u8>,
     _dir: Option<tempfile::TempDir>,
 }
 
 /// A fresh, empty store on every configured backend.
-async fn backends() -> Vec<Harness> {
+pub(super) async fn backends() -> Vec<Harness> {
     let mut stores = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
@@ -56,10 +57,23 @@ async fn backends() -> Vec<Harness> {
         let owner_key = base64::engine::general_purpose::STANDARD
             .decode(key)
             .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let drivers = crate::hubs::driver::HubDrivers::new(
+            store.clone(),
+            crate::hubs::azure::AzureDriver::new(None).unwrap(),
+        );
+        let provisioning = Arc::new(crate::provisioning::Provisioning::new(
+            store.clone(),
+            drivers,
+            ID_SCOPE.to_owned(),
+            crate::provisioning::ProvisioningSettings::default(),
+            metrics.clone(),
+        ));
         let state = Arc::new(ServiceState {
             store,
             audience: Audience::new("localhost", 8443),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
+            provisioning,
         });
         out.push(Harness {
             state,
@@ -94,7 +108,7 @@ impl Harness {
         )
     }
 
-    async fn send(
+    pub(super) async fn send(
         &self,
         method: &str,
         path: &str,
@@ -108,7 +122,7 @@ impl Harness {
             .await
     }
 
-    async fn raw(
+    pub(super) async fn raw(
         &self,
         method: &str,
         path: &str,
@@ -144,7 +158,12 @@ impl Harness {
 }
 
 /// Asserts a DPS error body with the given status and code.
-fn assert_error(status: StatusCode, body: &Value, expected_status: u16, expected_code: i64) {
+pub(super) fn assert_error(
+    status: StatusCode,
+    body: &Value,
+    expected_status: u16,
+    expected_code: i64,
+) {
     assert_eq!(status.as_u16(), expected_status, "body: {body}");
     assert_eq!(
         body["errorCode"].as_i64(),

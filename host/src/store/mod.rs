@@ -1,10 +1,10 @@
-//! Persistence through sqlx's `Any` driver, so one set of portable SQL serves `SQLite` (the
-//! embedded default, WAL, `synchronous=FULL`) and `PostgreSQL` (several stateless nodes on one
+//! Persistence through sqlx's `Any` driver, so one set of portable SQL serves SQLite (the
+//! embedded default, WAL, `synchronous=FULL`) and PostgreSQL (several stateless nodes on one
 //! database). Everything a node knows lives here: no state is kept only in process memory.
 //!
 //! Writes use optimistic concurrency on the `etag` column, which is correct across nodes;
-//! on `SQLite` an in-process gate also serializes write transactions, because a deferred
-//! `SQLite` transaction that reads and then writes fails outright under contention.
+//! on SQLite an in-process gate also serializes write transactions, because a deferred
+//! SQLite transaction that reads and then writes fails outright under contention.
 
 mod sealing;
 
@@ -81,6 +81,11 @@ impl EnrollmentRow {
         doc.etag = Some(self.etag.clone());
         doc.created_date_time_utc = Some(self.created.clone());
         doc.last_updated_date_time_utc = Some(self.updated.clone());
+        doc.reprovision_policy
+            .get_or_insert(crate::model::enrollment::ReprovisionPolicy {
+                update_hub_assignment: true,
+                migrate_device_data: true,
+            });
         doc
     }
 }
@@ -820,11 +825,24 @@ impl Store {
     /// is its writer (REC-09: one record per registration ID).
     pub async fn put_registration(&self, record: &RegistrationRecord) -> Result<String> {
         let _gate = self.gate().await;
+        let mut conn = self.pool.acquire().await?;
+        Self::put_registration_on(&mut conn, record).await
+    }
+
+    /// Creates or replaces a record; `createdDateTimeUtc` of an existing record is kept.
+    async fn put_registration_on(
+        conn: &mut AnyConnection,
+        record: &RegistrationRecord,
+    ) -> Result<String> {
         let etag = new_etag();
         let mut state = record.state.clone();
         state.etag = None;
-        let doc = serde_json::to_string(&state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let now = now_utc();
+        let created = state
+            .created_date_time_utc
+            .clone()
+            .unwrap_or_else(|| now.clone());
+        let doc = serde_json::to_string(&state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query(
             "INSERT INTO registrations (id_key, id, group_key, doc, etag, created, updated, status, assigned_hub, device_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
@@ -837,12 +855,12 @@ impl Store {
         .bind(record.enrollment_group_id.as_ref().map(|g| g.to_ascii_lowercase()))
         .bind(doc)
         .bind(&etag)
-        .bind(&now)
+        .bind(&created)
         .bind(&now)
         .bind(&state.status)
         .bind(state.assigned_hub.clone())
         .bind(state.device_id.clone())
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
         Ok(etag)
     }
@@ -1027,6 +1045,236 @@ impl Store {
                 "hub '{name}' changed while it was being unlinked; try again"
             )));
         }
+        Ok(())
+    }
+}
+
+/// A registration operation: what a device's poll reads, on any node.
+#[derive(Debug, Clone)]
+pub struct OperationRow {
+    pub operation_id: String,
+    pub registration_key: String,
+    pub status: String,
+    /// The request as the provisioning core needs to (re)run it.
+    pub request: String,
+    /// The final `registrationState`, once the operation finished.
+    pub result: Option<String>,
+    pub lease_until: i64,
+}
+
+/// A device in the `record` hub driver's registry.
+#[derive(Debug, Clone)]
+pub struct HubDeviceRow {
+    pub identity: crate::hubs::driver::DeviceIdentity,
+    pub twin: serde_json::Value,
+    pub etag: String,
+    pub created: String,
+    pub updated: String,
+}
+
+impl Store {
+    // ---- registration operations -------------------------------------------------------
+
+    pub async fn insert_operation(&self, row: &OperationRow) -> Result<()> {
+        let _gate = self.gate().await;
+        let now = now_utc();
+        sqlx::query(
+            "INSERT INTO operations (operation_id, registration_key, status, request, result, lease_until, created_unix, created, updated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&row.operation_id)
+        .bind(&row.registration_key)
+        .bind(&row.status)
+        .bind(&row.request)
+        .bind(row.result.clone())
+        .bind(row.lease_until)
+        .bind(crate::clock::unix_now())
+        .bind(&now)
+        .bind(&now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn operation(&self, operation_id: &str) -> Result<Option<OperationRow>> {
+        let row = sqlx::query(
+            "SELECT operation_id, registration_key, status, request, result, lease_until FROM operations WHERE operation_id = $1",
+        )
+        .bind(operation_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(OperationRow {
+                operation_id: r.try_get(0)?,
+                registration_key: r.try_get(1)?,
+                status: r.try_get(2)?,
+                request: r.try_get(3)?,
+                result: r.try_get(4)?,
+                lease_until: r.try_get(5)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Takes over an unfinished operation whose lease ran out (its node died), so that it
+    /// is finished by whoever polls it. Returns whether this caller now holds the lease.
+    pub async fn claim_operation(
+        &self,
+        operation_id: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<bool> {
+        let _gate = self.gate().await;
+        let done = sqlx::query(
+            "UPDATE operations SET lease_until = $1 WHERE operation_id = $2 AND status = 'assigning' AND lease_until < $3",
+        )
+        .bind(lease_until)
+        .bind(operation_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the outcome of an operation and, in the same transaction, the device's
+    /// registration record (when there is one to write), so that "assigned" is never
+    /// reported without the record. The record's new etag goes into the stored result.
+    pub async fn finish_operation(
+        &self,
+        operation_id: &str,
+        state: &RegistrationState,
+        record: Option<&RegistrationRecord>,
+    ) -> Result<()> {
+        let _gate = self.gate().await;
+        let mut tx = self.pool.begin().await?;
+        let mut state = state.clone();
+        if let Some(record) = record {
+            state.etag = Some(Self::put_registration_on(&mut tx, record).await?);
+        }
+        let result =
+            serde_json::to_string(&state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "UPDATE operations SET status = $1, result = $2, updated = $3 WHERE operation_id = $4",
+        )
+        .bind(&state.status)
+        .bind(result)
+        .bind(now_utc())
+        .bind(operation_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes operations older than `max_age_seconds`.
+    pub async fn expire_operations(&self, max_age_seconds: i64) -> Result<u64> {
+        let _gate = self.gate().await;
+        let done = sqlx::query("DELETE FROM operations WHERE created_unix < $1")
+            .bind(crate::clock::unix_now() - max_age_seconds)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Enrollment groups with symmetric-key attestation, for finding a device's group.
+    pub async fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentRow>> {
+        let rows = sqlx::query("SELECT * FROM enrollment_groups WHERE attestation_type = 'symmetricKey' ORDER BY id_key")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| self.enrollment_from_row(r)).collect()
+    }
+
+    // ---- the record hub driver's registry ----------------------------------------------
+
+    pub async fn hub_device(&self, hub: &str, device_id: &str) -> Result<Option<HubDeviceRow>> {
+        let row = sqlx::query("SELECT * FROM hub_devices WHERE hub_key = $1 AND device_key = $2")
+            .bind(hub.to_ascii_lowercase())
+            .bind(device_id.to_ascii_lowercase())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let identity = self
+                .sealer
+                .open(&r.try_get::<String, _>("sealed_identity")?)?;
+            let twin: String = r.try_get("twin")?;
+            Ok(HubDeviceRow {
+                identity: serde_json::from_str(&identity)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                twin: serde_json::from_str(&twin)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                etag: r.try_get("etag")?,
+                created: r.try_get("created")?,
+                updated: r.try_get("updated")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn hub_upsert_device(
+        &self,
+        hub: &str,
+        identity: &crate::hubs::driver::DeviceIdentity,
+    ) -> Result<()> {
+        let _gate = self.gate().await;
+        let sealed = self.sealer.seal(
+            &serde_json::to_string(identity).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        );
+        let now = now_utc();
+        let empty_twin = crate::hubs::driver::managed_twin(None).to_string();
+        sqlx::query(
+            "INSERT INTO hub_devices (hub_key, device_key, device_id, sealed_identity, twin, etag, created, updated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (hub_key, device_key) DO UPDATE SET device_id = excluded.device_id, \
+             sealed_identity = excluded.sealed_identity, etag = excluded.etag, updated = excluded.updated",
+        )
+        .bind(hub.to_ascii_lowercase())
+        .bind(identity.device_id.to_ascii_lowercase())
+        .bind(&identity.device_id)
+        .bind(sealed)
+        .bind(empty_twin)
+        .bind(new_etag())
+        .bind(&now)
+        .bind(&now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn hub_twin(&self, hub: &str, device_id: &str) -> Result<Option<serde_json::Value>> {
+        Ok(self.hub_device(hub, device_id).await?.map(|row| row.twin))
+    }
+
+    pub async fn hub_replace_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+        twin: &serde_json::Value,
+    ) -> Result<()> {
+        let _gate = self.gate().await;
+        let done = sqlx::query("UPDATE hub_devices SET twin = $1, etag = $2, updated = $3 WHERE hub_key = $4 AND device_key = $5")
+            .bind(crate::hubs::driver::managed_twin(Some(twin)).to_string())
+            .bind(new_etag())
+            .bind(now_utc())
+            .bind(hub.to_ascii_lowercase())
+            .bind(device_id.to_ascii_lowercase())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(
+                NotFoundKind::Registration,
+                device_id.to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn hub_delete_device(&self, hub: &str, device_id: &str) -> Result<()> {
+        let _gate = self.gate().await;
+        sqlx::query("DELETE FROM hub_devices WHERE hub_key = $1 AND device_key = $2")
+            .bind(hub.to_ascii_lowercase())
+            .bind(device_id.to_ascii_lowercase())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

@@ -1,0 +1,629 @@
+//! Device registration: attestation, the registration operation, allocation and the hub
+//! work, independent of the transport that carried the request. HTTPS, MQTT and MQTT over
+//! WebSocket adapters turn bytes into [`DeviceCall`]s and [`OperationStatus`] back into bytes.
+//!
+//! Registration is asynchronous (wire-protocol.md §3.4): `register` attests the device,
+//! stores an operation and answers `assigning`; the assignment runs in the background and
+//! its outcome is written to the operation row, which any node reads when the device polls.
+//! An operation whose node died keeps `assigning` until its lease runs out; the next poll,
+//! on any node, then takes it over and finishes it.
+
+pub mod attest;
+pub mod plan;
+mod throttle;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::allocation::GeoMap;
+use crate::clock::now_utc;
+use crate::error::{NotFoundKind, ServiceError};
+use crate::hubs::driver::{managed_twin, DeviceIdentity, HubDrivers, HubError};
+use crate::model::enrollment::{EnrollmentKind, ProvisioningStatus};
+use crate::model::registration::{RegistrationRecord, RegistrationState};
+use crate::store::{OperationRow, Store};
+use crate::telemetry::metrics::{AssignmentLabels, AttestationLabels, Metrics, RegistrationLabels};
+
+pub use throttle::Throttle;
+
+/// How long a node owns an operation it is working on before another may take it over.
+const LEASE_SECONDS: i64 = 60;
+/// Seconds the device is told to wait before polling: an integer from 2 to 5 (§3.7).
+pub const RETRY_AFTER_SECONDS: u32 = 3;
+
+/// The transport a device used, as the seed's `protocol` dimension names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    Http,
+    Mqtt,
+    MqttWs,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "Http",
+            Self::Mqtt => "Mqtt",
+            Self::MqttWs => "MqttWs",
+        }
+    }
+}
+
+/// Who is calling and how.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceCall<'a> {
+    pub id_scope: &'a str,
+    pub registration_id: &'a str,
+    pub authorization: Option<&'a str>,
+    pub protocol: Protocol,
+    pub client: Option<IpAddr>,
+    pub api_version: Option<&'a str>,
+}
+
+/// The register request body (`DeviceRegistration`, §3.3). Unknown fields are ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRegistration {
+    pub registration_id: Option<String>,
+    pub payload: Option<Value>,
+    pub tpm: Option<Value>,
+}
+
+/// `RegistrationOperationStatus`: what register and poll answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationStatus {
+    pub operation_id: String,
+    pub status: String,
+    pub registration_state: RegistrationState,
+}
+
+impl OperationStatus {
+    /// Still assigning: the device polls again (HTTP 202, MQTT `res/202`).
+    pub fn is_assigning(&self) -> bool {
+        self.status == "assigning"
+    }
+}
+
+/// What an operation row remembers of the request, to run (or re-run) the assignment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OperationRequest {
+    registration_id: String,
+    group: bool,
+    enrollment_id: String,
+    payload: Option<Value>,
+    protocol: Protocol,
+    client: Option<IpAddr>,
+    api_version: Option<String>,
+}
+
+/// Settings of device registration.
+#[derive(Debug, Clone, Default)]
+pub struct ProvisioningSettings {
+    pub geo: GeoMap,
+    /// Service-wide registrations per minute; `None` is unlimited.
+    pub registrations_per_minute: Option<u32>,
+}
+
+/// The device-facing service, shared by every transport.
+#[derive(Debug)]
+pub struct Provisioning {
+    store: Store,
+    drivers: HubDrivers,
+    id_scope: String,
+    geo: GeoMap,
+    throttle: Throttle,
+    metrics: Arc<Metrics>,
+}
+
+fn new_operation_id() -> String {
+    let mut bytes = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    format!("4.{}.{}", hex::encode(bytes), uuid::Uuid::new_v4())
+}
+
+fn assigning(operation_id: &str, registration_id: &str) -> OperationStatus {
+    OperationStatus {
+        operation_id: operation_id.to_owned(),
+        status: "assigning".to_owned(),
+        registration_state: RegistrationState {
+            registration_id: registration_id.to_owned(),
+            status: "assigning".to_owned(),
+            ..RegistrationState::default()
+        },
+    }
+}
+
+impl Provisioning {
+    pub fn new(
+        store: Store,
+        drivers: HubDrivers,
+        id_scope: String,
+        settings: ProvisioningSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            drivers,
+            id_scope,
+            geo: settings.geo,
+            throttle: Throttle::new(settings.registrations_per_minute),
+            metrics,
+        }
+    }
+
+    pub fn id_scope(&self) -> &str {
+        &self.id_scope
+    }
+
+    /// Drops rate-limiter state of devices not seen lately and expired operations.
+    pub async fn housekeeping(&self) {
+        self.throttle.forget_idle();
+        if let Err(error) = self.store.expire_operations(24 * 3600).await {
+            tracing::warn!(error = %error, "could not expire old operations");
+        }
+    }
+
+    fn check_call(&self, call: &DeviceCall<'_>) -> Result<(), ServiceError> {
+        if !call.id_scope.eq_ignore_ascii_case(&self.id_scope) {
+            return Err(ServiceError::not_found(
+                NotFoundKind::IdScope,
+                call.id_scope,
+            ));
+        }
+        crate::model::names::check_registration_id("registrationId", call.registration_id)
+            .map_err(ServiceError::invalid)
+    }
+
+    async fn attest(&self, call: &DeviceCall<'_>) -> Result<attest::Attested, ServiceError> {
+        let started = Instant::now();
+        let outcome = attest::attest(
+            &self.store,
+            &self.id_scope,
+            call.registration_id,
+            call.authorization,
+        )
+        .await;
+        let (status, signature) = match &outcome {
+            Ok(_) => ("Success", 200),
+            Err(error) => ("Failure", error.status()),
+        };
+        self.metrics
+            .attestation_attempts
+            .get_or_create(&AttestationLabels {
+                status: status.to_owned(),
+                protocol: call.protocol.as_str().to_owned(),
+            })
+            .inc();
+        device_log(
+            "AttestationAttempt",
+            status,
+            signature,
+            outcome.as_ref().err().map(ToString::to_string).as_deref(),
+            started,
+            call,
+            None,
+        );
+        outcome
+    }
+
+    /// Register (§3.1): attests, stores the operation, starts the assignment.
+    pub async fn register(
+        self: &Arc<Self>,
+        call: DeviceCall<'_>,
+        body: DeviceRegistration,
+    ) -> Result<OperationStatus, ServiceError> {
+        self.check_call(&call)?;
+        if let Some(body_id) = &body.registration_id {
+            if !body_id.eq_ignore_ascii_case(call.registration_id) {
+                return Err(ServiceError::invalid(format!(
+                    "registrationId '{body_id}' in the body does not match '{}' in the request",
+                    call.registration_id
+                )));
+            }
+        }
+        if let Some(payload) = &body.payload {
+            if !(payload.is_object() || payload.is_null()) {
+                return Err(ServiceError::invalid("payload must be a JSON object"));
+            }
+        }
+        self.throttle.admit_registration()?;
+        let attested = self.attest(&call).await?;
+        let operation_id = new_operation_id();
+        let request = OperationRequest {
+            registration_id: call.registration_id.to_owned(),
+            group: attested.kind == EnrollmentKind::Group,
+            enrollment_id: attested.enrollment.record.id.clone(),
+            payload: body.payload.filter(|p| !p.is_null()),
+            protocol: call.protocol,
+            client: call.client,
+            api_version: call.api_version.map(str::to_owned),
+        };
+        let request_json =
+            serde_json::to_string(&request).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let row = OperationRow {
+            operation_id: operation_id.clone(),
+            registration_key: call.registration_id.to_ascii_lowercase(),
+            status: "assigning".to_owned(),
+            request: request_json,
+            result: None,
+            lease_until: crate::clock::unix_now() + LEASE_SECONDS,
+        };
+        self.store.insert_operation(&row).await?;
+        let this = Arc::clone(self);
+        let id = operation_id.clone();
+        tokio::spawn(async move { this.process(&id).await });
+        Ok(assigning(&operation_id, call.registration_id))
+    }
+
+    /// Operation status lookup (§3.1): assigning, or the final state.
+    pub async fn operation_status(
+        self: &Arc<Self>,
+        call: DeviceCall<'_>,
+        operation_id: &str,
+    ) -> Result<OperationStatus, ServiceError> {
+        self.check_call(&call)?;
+        self.throttle.admit_poll(call.registration_id)?;
+        self.attest(&call).await?;
+        let not_found = || ServiceError::not_found(NotFoundKind::Operation, operation_id);
+        let mut row = self
+            .store
+            .operation(operation_id)
+            .await?
+            .ok_or_else(not_found)?;
+        if row.registration_key != call.registration_id.to_ascii_lowercase() {
+            return Err(not_found());
+        }
+        let now = crate::clock::unix_now();
+        if row.status == "assigning"
+            && row.lease_until < now
+            && self
+                .store
+                .claim_operation(operation_id, now, now + LEASE_SECONDS)
+                .await?
+        {
+            tracing::info!(operation_id, "taking over an operation whose lease expired");
+            self.process(operation_id).await;
+            row = self
+                .store
+                .operation(operation_id)
+                .await?
+                .ok_or_else(not_found)?;
+        }
+        match (&row.status[..], &row.result) {
+            ("assigning", _) | (_, None) => Ok(assigning(operation_id, call.registration_id)),
+            (status, Some(result)) => Ok(OperationStatus {
+                operation_id: operation_id.to_owned(),
+                status: status.to_owned(),
+                registration_state: serde_json::from_str(result)
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            }),
+        }
+    }
+
+    /// Device registration status lookup (§3.10): the stored state, or 404.
+    pub async fn status_lookup(
+        &self,
+        call: DeviceCall<'_>,
+    ) -> Result<RegistrationState, ServiceError> {
+        self.check_call(&call)?;
+        self.throttle.admit_poll(call.registration_id)?;
+        self.attest(&call).await?;
+        self.store
+            .registration(call.registration_id)
+            .await?
+            .map(|record| record.state)
+            .ok_or_else(|| {
+                ServiceError::not_found(NotFoundKind::Registration, call.registration_id)
+            })
+    }
+
+    /// Runs the assignment of an operation and records its outcome. Never fails: whatever
+    /// goes wrong becomes the operation's `failed` state.
+    async fn process(&self, operation_id: &str) {
+        let started = Instant::now();
+        let outcome = self.assign(operation_id).await;
+        let (state, record) = match outcome {
+            Ok(Some(done)) => done,
+            Ok(None) => return,
+            Err((request, code, message)) => {
+                let state = RegistrationState {
+                    registration_id: request.map_or_else(String::new, |r| r.registration_id),
+                    status: "failed".to_owned(),
+                    error_code: Some(i64::from(code)),
+                    error_message: Some(message),
+                    last_updated_date_time_utc: Some(now_utc()),
+                    ..RegistrationState::default()
+                };
+                (state, None)
+            }
+        };
+        let status = state.status.clone();
+        let hub = state.assigned_hub.clone().unwrap_or_default();
+        let result = self.finish(operation_id, state, record.as_ref()).await;
+        self.metrics
+            .registration_attempts
+            .get_or_create(&RegistrationLabels {
+                iot_hub_name: hub.clone(),
+                status: status.clone(),
+            })
+            .inc();
+        if status == "assigned" && result.is_ok() {
+            self.metrics
+                .device_assignments
+                .get_or_create(&AssignmentLabels {
+                    iot_hub_name: hub.clone(),
+                })
+                .inc();
+        }
+        tracing::info!(
+            target: "berth::device_operations",
+            category = "DeviceOperations",
+            operation_name = "RegistrationAttempt",
+            result_type = if status == "assigned" || status == "disabled" { "Success" } else { "Failure" },
+            result_signature = status.as_str(),
+            duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            correlation_id = operation_id,
+            iot_hub_name = hub.as_str(),
+            "registration finished"
+        );
+    }
+
+    async fn finish(
+        &self,
+        operation_id: &str,
+        state: RegistrationState,
+        record: Option<&RegistrationRecord>,
+    ) -> Result<(), ()> {
+        match self
+            .store
+            .finish_operation(operation_id, &state, record)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                tracing::error!(error = %error, operation_id, "could not record the outcome of a registration");
+                Err(())
+            }
+        }
+    }
+
+    /// The assignment itself. `Ok(None)`: the operation is gone or already finished.
+    #[allow(clippy::type_complexity)]
+    async fn assign(
+        &self,
+        operation_id: &str,
+    ) -> Result<
+        Option<(RegistrationState, Option<RegistrationRecord>)>,
+        (Option<OperationRequest>, u32, String),
+    > {
+        let internal = |request: Option<&OperationRequest>, error: &dyn std::fmt::Display| {
+            tracing::error!(error = %error, operation_id, "registration failed inside Berth");
+            (
+                request.cloned(),
+                500_000,
+                "the provisioning service failed; retry the registration".to_owned(),
+            )
+        };
+        let row = match self.store.operation(operation_id).await {
+            Ok(Some(row)) if row.status == "assigning" => row,
+            Ok(_) => return Ok(None),
+            Err(error) => return Err(internal(None, &error)),
+        };
+        let request: OperationRequest =
+            serde_json::from_str(&row.request).map_err(|e| internal(None, &e))?;
+        let kind = if request.group {
+            EnrollmentKind::Group
+        } else {
+            EnrollmentKind::Individual
+        };
+        let enrollment = match self.store.enrollment(kind, &request.enrollment_id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                return Err((
+                    Some(request),
+                    404_201,
+                    "the device's enrollment was deleted during the registration".to_owned(),
+                ))
+            }
+            Err(error) => return Err(internal(Some(&request), &error)),
+        };
+        let registration_id = request.registration_id.clone();
+        let individual = if kind == EnrollmentKind::Group {
+            self.store
+                .enrollment(EnrollmentKind::Individual, &registration_id)
+                .await
+                .map_err(|e| internal(Some(&request), &e))?
+        } else {
+            None
+        };
+        let is_disabled = |row: &crate::store::EnrollmentRow| {
+            row.record.doc.provisioning_status == Some(ProvisioningStatus::Disabled)
+        };
+        if is_disabled(&enrollment) || individual.as_ref().is_some_and(is_disabled) {
+            let state = RegistrationState {
+                registration_id,
+                status: "disabled".to_owned(),
+                last_updated_date_time_utc: Some(now_utc()),
+                ..RegistrationState::default()
+            };
+            return Ok(Some((state, None)));
+        }
+        let device_keys = match kind {
+            EnrollmentKind::Individual => enrollment.record.keys.clone().unwrap_or_default(),
+            EnrollmentKind::Group => {
+                let keys = enrollment.record.keys.clone().unwrap_or_default();
+                let derive = |k: &Option<String>| {
+                    k.as_deref().and_then(|k| {
+                        crate::attestation::sas::derive_device_key(k, &registration_id).ok()
+                    })
+                };
+                crate::model::enrollment::SymmetricKeys {
+                    primary_key: derive(&keys.primary_key),
+                    secondary_key: derive(&keys.secondary_key),
+                }
+            }
+        };
+        let previous = self
+            .store
+            .registration(&registration_id)
+            .await
+            .map_err(|e| internal(Some(&request), &e))?;
+        let linked: Vec<crate::hubs::LinkedHub> = self
+            .store
+            .linked_hubs()
+            .await
+            .map_err(|e| internal(Some(&request), &e))?
+            .into_iter()
+            .map(|row| row.hub)
+            .collect();
+        let input = plan::PlanInput {
+            registration_id: &registration_id,
+            kind,
+            enrollment: &enrollment.record.doc,
+            previous: previous.as_ref().map(|r| &r.state),
+            linked: &linked,
+            client_location: plan::client_location(&self.geo, request.client),
+            legacy_api: plan::is_legacy_api_version(request.api_version.as_deref()),
+        };
+        let decision = plan::plan(&input)
+            .map_err(|e| (Some(request.clone()), e.error_code(), e.to_string()))?;
+        let identity = DeviceIdentity {
+            device_id: decision.device_id.clone(),
+            primary_key: device_keys.primary_key.clone(),
+            secondary_key: device_keys.secondary_key.clone(),
+            iot_edge: enrollment
+                .record
+                .doc
+                .capabilities
+                .is_some_and(|c| c.iot_edge),
+        };
+        let initial_twin = managed_twin(enrollment.record.doc.initial_twin.as_ref());
+        self.apply(&decision, &identity, &initial_twin, &linked)
+            .await
+            .map_err(|(hub, error)| {
+                (
+                    Some(request.clone()),
+                    error.error_code(),
+                    format!("IoT hub {hub}: {error}"),
+                )
+            })?;
+        let now = now_utc();
+        let state = RegistrationState {
+            registration_id: registration_id.clone(),
+            created_date_time_utc: previous
+                .as_ref()
+                .and_then(|p| p.state.created_date_time_utc.clone())
+                .or_else(|| Some(now.clone())),
+            assigned_hub: Some(decision.hub.name.clone()),
+            device_id: Some(decision.device_id.clone()),
+            status: "assigned".to_owned(),
+            substatus: Some(decision.substatus.to_owned()),
+            last_updated_date_time_utc: Some(now),
+            ..RegistrationState::default()
+        };
+        let record = RegistrationRecord {
+            state: state.clone(),
+            enrollment_group_id: (kind == EnrollmentKind::Group)
+                .then(|| enrollment.record.id.clone()),
+        };
+        Ok(Some((state, Some(record))))
+    }
+
+    /// Carries out a plan against the hubs: identity, twin, then the old device's removal.
+    async fn apply(
+        &self,
+        decision: &plan::Plan,
+        identity: &DeviceIdentity,
+        initial_twin: &Value,
+        linked: &[crate::hubs::LinkedHub],
+    ) -> Result<(), (String, HubError)> {
+        let hub = &decision.hub;
+        let at = |error: HubError| (hub.name.clone(), error);
+        self.drivers
+            .upsert_device(hub, identity)
+            .await
+            .map_err(at)?;
+        match &decision.twin {
+            plan::TwinAction::WriteInitial => self
+                .drivers
+                .replace_twin(hub, &identity.device_id, initial_twin)
+                .await
+                .map_err(at)?,
+            plan::TwinAction::CopyFrom {
+                hub: old_hub,
+                device_id,
+            } => {
+                let source = linked.iter().find(|h| h.name.eq_ignore_ascii_case(old_hub));
+                let twin = match source {
+                    Some(source) => self
+                        .drivers
+                        .get_twin(source, device_id)
+                        .await
+                        .map_err(|e| (source.name.clone(), e))?,
+                    None => None,
+                };
+                let twin = twin.unwrap_or_else(|| initial_twin.clone());
+                self.drivers
+                    .replace_twin(hub, &identity.device_id, &twin)
+                    .await
+                    .map_err(at)?;
+            }
+            plan::TwinAction::Keep => {}
+        }
+        if let Some((old_hub, old_device)) = &decision.delete {
+            self.drivers
+                .delete_device(old_hub, old_device)
+                .await
+                .map_err(|e| (old_hub.name.clone(), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// One `DeviceOperations` log entry with the seed's fields (MON-06/07).
+fn device_log(
+    operation_name: &str,
+    result_type: &str,
+    result_signature: u16,
+    description: Option<&str>,
+    started: Instant,
+    call: &DeviceCall<'_>,
+    operation_id: Option<&str>,
+) {
+    let properties = serde_json::json!({
+        "id": call.registration_id,
+        "type": "Registration",
+        "protocol": call.protocol.as_str(),
+    });
+    tracing::info!(
+        target: "berth::device_operations",
+        category = "DeviceOperations",
+        operation_name,
+        operation_version = "March2019",
+        result_type,
+        result_signature,
+        result_description = description.unwrap_or(""),
+        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        caller_ip_address = crate::telemetry::masked_address(call.client).as_str(),
+        correlation_id = operation_id.unwrap_or(""),
+        properties = %properties,
+        "device operation"
+    );
+}
+
+/// Runs housekeeping every few minutes until the process ends.
+pub fn spawn_housekeeping(provisioning: Arc<Provisioning>) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            interval.tick().await;
+            provisioning.housekeeping().await;
+        }
+    });
+}
