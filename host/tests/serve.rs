@@ -41,6 +41,7 @@ impl Node {
                 "--data-dir",
             ])
             .arg(data_dir)
+            .args(["--mqtt-port", &free_port().to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         for (key, value) in env {
@@ -240,6 +241,7 @@ fn a_port_that_cannot_be_bound_is_named_with_the_way_out() {
             "--data-dir",
         ])
         .arg(dir.path())
+        .args(["--mqtt-port", "0"])
         .output()
         .unwrap();
     assert!(!output.status.success());
@@ -379,6 +381,7 @@ fn two_nodes_on_one_postgres_see_each_others_writes() {
             "--data-dir",
         ])
         .arg(dir_c.path())
+        .args(["--mqtt-port", "0"])
         .env("BERTH_DATABASE_URL", &url)
         .env("BERTH_SECRET_KEY", &other)
         .output()
@@ -472,4 +475,79 @@ fn an_operator_certificate_replaces_the_generated_one() {
         .status();
     assert_eq!(status, 200);
     drop(node);
+}
+
+#[test]
+fn an_assigned_registration_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut node = Node::start(dir.path(), port, &[]);
+    assert!(node
+        .cli(&["hub", "link", "hub1.example.net"])
+        .status
+        .success());
+    let out = node.cli(&["enrollment", "create", "kept-1", "--json"]);
+    let enrollment: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(
+            enrollment["attestation"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let scope = String::from_utf8(node.cli(&["id-scope"]).stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = berth::attestation::sas::build_token(
+        &format!("{scope}/registrations/kept-1"),
+        &key,
+        Some("registration"),
+        i64::try_from(now).unwrap() + 600,
+    );
+    let http = client(&dir.path().join("ca.pem"));
+    let base = format!("https://localhost:{port}/{scope}/registrations/kept-1");
+    let accepted: Value = http
+        .put(format!("{base}/register?api-version=2021-06-01"))
+        .header("Authorization", &token)
+        .json(&json!({"registrationId": "kept-1"}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let operation = accepted["operationId"].as_str().unwrap();
+    let mut assigned = false;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        let polled: Value = http
+            .get(format!(
+                "{base}/operations/{operation}?api-version=2021-06-01"
+            ))
+            .header("Authorization", &token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if polled["status"] == "assigned" {
+            assigned = true;
+            break;
+        }
+    }
+    assert!(assigned, "the registration was acknowledged as assigned");
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    drop(node);
+    let node = Node::start(dir.path(), port, &[]);
+    let out = node.cli(&["registration", "show", "kept-1", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["assignedHub"], "hub1.example.net");
 }

@@ -74,7 +74,10 @@ fn unit_hash(registration_id: &str, hub: &str) -> f64 {
     // 53 random bits, offset by half a step so the value is never 0 or 1.
     // 53 bits fit an f64 mantissa exactly.
     #[allow(clippy::cast_precision_loss)]
-    let (mantissa, scale) = ((u64::from_be_bytes(bytes) >> 11) as f64, (1u64 << 53) as f64);
+    let (mantissa, scale) = (
+        (u64::from_be_bytes(bytes) >> 11) as f64,
+        (1u64 << 53) as f64,
+    );
     (mantissa + 0.5) / scale
 }
 

@@ -239,6 +239,8 @@ pub enum HubAction {
     },
     /// Unlink a hub.
     Unlink { name: String },
+    /// Show a device as the `record` driver wrote it to a hub (identity and twin).
+    Device { name: String, device_id: String },
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -815,6 +817,15 @@ async fn hubs(action: HubAction, args: &ClientArgs) -> Result<String, CliError> 
                     &[("If-Match", etag)],
                 )
                 .await?;
+            Ok(show(&value))
+        }
+        HubAction::Device { name, device_id } => {
+            let path = format!(
+                "/linkedHubs/{}/devices/{}",
+                encode_segment(&name),
+                encode_segment(&device_id)
+            );
+            let (value, _) = client.call(Method::GET, &path, None, &[]).await?;
             Ok(show(&value))
         }
         HubAction::Unlink { name } => {

@@ -290,16 +290,21 @@ impl AzureDriver {
                 ));
             }
             Err(error) => {
-                return Attempt::Transient {
-                    error: HubError::new(
-                        None,
-                        format!(
-                            "cannot reach IoT hub {} for {}: {}",
-                            hub.host_name,
-                            call.describe(),
-                            error_chain(&error)
-                        ),
+                let error_text = HubError::new(
+                    None,
+                    format!(
+                        "cannot reach IoT hub {} for {}: {}",
+                        hub.host_name,
+                        call.describe(),
+                        error_chain(&error)
                     ),
+                );
+                // An untrusted or wrong certificate stays so: retrying only delays the answer.
+                if is_tls_refusal(&error) {
+                    return Attempt::Fatal(error_text);
+                }
+                return Attempt::Transient {
+                    error: error_text,
                     retry_after: None,
                 };
             }
@@ -527,6 +532,27 @@ fn error_chain(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// True when TLS itself refused the hub (certificate, protocol), not the network.
+fn is_tls_refusal(error: &reqwest::Error) -> bool {
+    /// rustls errors reach reqwest wrapped in `io::Error`s, whose `source` skips the wrapped
+    /// error, so each `io::Error` is opened with `get_ref`.
+    fn holds_rustls_error(cause: &(dyn std::error::Error + 'static)) -> bool {
+        if cause.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(inner) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            if holds_rustls_error(inner) {
+                return true;
+            }
+        }
+        cause.source().is_some_and(holds_rustls_error)
+    }
+    std::error::Error::source(error).is_some_and(holds_rustls_error)
 }
 
 fn check_device_id(device_id: &str) -> Result<(), HubError> {

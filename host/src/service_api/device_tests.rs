@@ -287,10 +287,8 @@ async fn bad_device_requests_get_the_dps_error_body() {
             )
             .await;
         assert_error(status, &body, 401, 401_002);
-        use base64::Engine as _;
-        let raw_key = base64::engine::general_purpose::STANDARD
-            .decode(&key)
-            .unwrap();
+        let raw_key =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &key).unwrap();
         let expired = build_token(
             &format!("{ID_SCOPE}/registrations/dev-1"),
             &raw_key,
@@ -455,5 +453,245 @@ async fn a_hub_that_is_not_linked_fails_the_registration_with_a_message() {
             .as_str()
             .unwrap()
             .contains("applyAllocationPolicy"));
+    }
+}
+
+mod mqtt_session {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4::{
+        Connect, ConnectReturnCode, Packet, Publish, Subscribe, SubscribeFilter,
+        SubscribeReasonCode,
+    };
+    use rumqttc::mqttbytes::QoS;
+    use serde_json::{json, Value};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+    use super::{backends, device_token, ID_SCOPE};
+    use crate::provisioning::Protocol;
+
+    struct Client {
+        io: DuplexStream,
+        buffer: BytesMut,
+    }
+
+    impl Client {
+        fn start(provisioning: Arc<crate::provisioning::Provisioning>) -> Self {
+            let (io, server) = tokio::io::duplex(256 * 1024);
+            tokio::spawn(crate::protocol::mqtt::session(
+                server,
+                provisioning,
+                Protocol::Mqtt,
+                None,
+            ));
+            Self {
+                io,
+                buffer: BytesMut::new(),
+            }
+        }
+
+        async fn send(&mut self, packet: Packet) {
+            let mut out = BytesMut::new();
+            packet.write(&mut out, usize::MAX).unwrap();
+            self.io.write_all(&out).await.unwrap();
+        }
+
+        /// The next packet, or `None` when the server closed the connection.
+        async fn next(&mut self) -> Option<Packet> {
+            loop {
+                if let Ok(packet) = Packet::read(&mut self.buffer, 1 << 20) {
+                    return Some(packet);
+                }
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(5), self.io.read(&mut chunk))
+                    .await
+                    .unwrap()
+                    .unwrap_or(0);
+                if n == 0 {
+                    return None;
+                }
+                self.buffer.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        async fn connect(&mut self, registration_id: &str, password: &str) -> ConnectReturnCode {
+            let mut connect = Connect::new(registration_id);
+            connect.keep_alive = 60;
+            connect.set_login(format!("{ID_SCOPE}/registrations/{registration_id}/api-version=2019-03-31&ClientVersion=test"), password);
+            self.send(Packet::Connect(connect)).await;
+            match self.next().await {
+                Some(Packet::ConnAck(ack)) => {
+                    assert!(!ack.session_present);
+                    ack.code
+                }
+                other => panic!("expected CONNACK, got {other:?}"),
+            }
+        }
+
+        async fn request(
+            &mut self,
+            topic: &str,
+            qos: QoS,
+            pkid: u16,
+            payload: &[u8],
+        ) -> (String, Value) {
+            let mut publish = Publish::new(topic, qos, payload.to_vec());
+            publish.pkid = pkid;
+            self.send(Packet::Publish(publish)).await;
+            if qos == QoS::AtLeastOnce {
+                match self.next().await {
+                    Some(Packet::PubAck(ack)) => assert_eq!(ack.pkid, pkid, "PUBACK comes first"),
+                    other => panic!("expected PUBACK, got {other:?}"),
+                }
+            }
+            match self.next().await {
+                Some(Packet::Publish(response)) => {
+                    assert_eq!(response.qos, QoS::AtLeastOnce);
+                    (
+                        response.topic,
+                        serde_json::from_slice(&response.payload).unwrap(),
+                    )
+                }
+                other => panic!("expected the response PUBLISH, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_registers_over_an_mqtt_session() {
+        for h in backends().await {
+            h.link("hub-a.example.net", json!({})).await;
+            let created = h
+                .enroll(
+                    "/enrollments/mqtt-dev",
+                    json!({"attestation": {"type": "symmetricKey"}}),
+                )
+                .await;
+            let key = created["attestation"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let mut client = Client::start(h.state.provisioning.clone());
+            assert_eq!(
+                client
+                    .connect("mqtt-dev", &device_token("mqtt-dev", &key))
+                    .await,
+                ConnectReturnCode::Success
+            );
+            let mut subscribe = Subscribe::new_many([
+                SubscribeFilter::new("$dps/registrations/res/#".to_owned(), QoS::ExactlyOnce),
+                SubscribeFilter::new("devices/#".to_owned(), QoS::AtLeastOnce),
+            ]);
+            subscribe.pkid = 7;
+            client.send(Packet::Subscribe(subscribe)).await;
+            match client.next().await {
+                Some(Packet::SubAck(ack)) => {
+                    assert_eq!(ack.pkid, 7);
+                    assert_eq!(
+                        ack.return_codes,
+                        vec![
+                            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                            SubscribeReasonCode::Failure
+                        ]
+                    );
+                }
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
+            let (topic, accepted) = client
+                .request(
+                    "$dps/registrations/PUT/iotdps-register/?$rid=abc",
+                    QoS::AtLeastOnce,
+                    1,
+                    b" ",
+                )
+                .await;
+            assert_eq!(topic, "$dps/registrations/res/202/?$rid=abc&retry-after=3");
+            assert_eq!(accepted["status"], "assigning");
+            let operation = accepted["operationId"].as_str().unwrap().to_owned();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let poll = format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=def&operationId={operation}");
+            let (topic, done) = client.request(&poll, QoS::AtMostOnce, 0, b"").await;
+            assert_eq!(topic, "$dps/registrations/res/200/?$rid=def");
+            assert_eq!(done["status"], "assigned", "{done}");
+            assert_eq!(
+                done["registrationState"]["assignedHub"],
+                "hub-a.example.net"
+            );
+            // An undocumented topic ends this connection.
+            client
+                .send(Packet::Publish(Publish::new(
+                    "devices/mqtt-dev/messages/events/",
+                    QoS::AtMostOnce,
+                    b"x".to_vec(),
+                )))
+                .await;
+            assert!(client.next().await.is_none());
+
+            // A wrong key is answered on res/401 with the DPS error body.
+            let mut client = Client::start(h.state.provisioning.clone());
+            let wrong = device_token("mqtt-dev", &crate::model::enrollment::generate_key());
+            assert_eq!(
+                client.connect("mqtt-dev", &wrong).await,
+                ConnectReturnCode::Success
+            );
+            let (topic, error) = client
+                .request(
+                    "$dps/registrations/PUT/iotdps-register/?$rid=1",
+                    QoS::AtLeastOnce,
+                    1,
+                    b"",
+                )
+                .await;
+            assert_eq!(topic, "$dps/registrations/res/401/?$rid=1");
+            assert_eq!(error["errorCode"], 401_002);
+
+            // Garbage instead of CONNECT, a ClientId that differs from the username, and a
+            // malformed username each end their own connection only.
+            let mut garbage = Client::start(h.state.provisioning.clone());
+            garbage.io.write_all(&[0xff; 64]).await.unwrap();
+            assert!(garbage.next().await.is_none());
+            let mut mismatch = Client::start(h.state.provisioning.clone());
+            let mut connect = Connect::new("someone-else");
+            connect.set_login(
+                format!("{ID_SCOPE}/registrations/mqtt-dev/api-version=2019-03-31"),
+                "x",
+            );
+            mismatch.send(Packet::Connect(connect)).await;
+            assert!(
+                matches!(mismatch.next().await, Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::BadClientId)
+            );
+            let mut bad_user = Client::start(h.state.provisioning.clone());
+            let mut connect = Connect::new("mqtt-dev");
+            connect.set_login("not-a-dps-username", "x");
+            bad_user.send(Packet::Connect(connect)).await;
+            assert!(
+                matches!(bad_user.next().await, Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::BadUserNamePassword)
+            );
+            // An oversized packet ends the connection.
+            let mut big = Client::start(h.state.provisioning.clone());
+            assert_eq!(
+                big.connect("mqtt-dev", &device_token("mqtt-dev", &key))
+                    .await,
+                ConnectReturnCode::Success
+            );
+            let huge = vec![b' '; 200 * 1024];
+            big.send(Packet::Publish(Publish::new(
+                "$dps/registrations/PUT/iotdps-register/?$rid=2",
+                QoS::AtMostOnce,
+                huge,
+            )))
+            .await;
+            assert!(big.next().await.is_none());
+            // The service kept serving: the device's record is there.
+            assert!(h
+                .state
+                .store
+                .registration("mqtt-dev")
+                .await
+                .unwrap()
+                .is_some());
+        }
     }
 }
