@@ -1,4 +1,4 @@
-//! The `azure` hub driver: the `IoT` Hub registry and twin REST API (api-version 2021-04-12),
+//! The `azure` hub driver: the IoT Hub registry and twin REST API (api-version 2021-04-12),
 //! authenticated with a SAS token made from the linked hub's connection string
 //! (wire-protocol.md §10.1, §10.2).
 //!
@@ -55,7 +55,7 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
-/// `IoT` Hub's limit on device ID length.
+/// IoT Hub's limit on device ID length.
 const MAX_DEVICE_ID_LEN: usize = 128;
 
 /// Talks HTTPS to `IoT` hubs. Cheap to clone: clones share one connection pool.
@@ -511,7 +511,7 @@ fn error_text(body: &[u8]) -> String {
     out
 }
 
-/// `Retry-After` in seconds (the form `IoT` Hub uses); an HTTP date is ignored.
+/// `Retry-After` in seconds (the form IoT Hub uses); an HTTP date is ignored.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get(RETRY_AFTER)?

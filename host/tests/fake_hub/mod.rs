@@ -1,9 +1,9 @@
-//! A fake `IoT` Hub registry: a test double, not an `IoT` Hub. It serves the few registry and
+//! A fake IoT Hub registry: a test double, not an IoT Hub. It serves the few registry and
 //! twin REST calls DPS makes toward a linked hub (wire-protocol.md §10.2) over HTTPS on
 //! `127.0.0.1`, keeps devices and twins in memory, and records every request so a test can
 //! assert what a driver did.
 //!
-//! It enforces what a driver relies on, as `IoT` Hub does:
+//! It enforces what a driver relies on, as IoT Hub does:
 //! - a service SAS token signed with its key, `sr` = its host (`localhost:PORT`), `skn` = its
 //!   policy name, not expired; otherwise 401 `IotHubUnauthorizedAccess`;
 //! - an `api-version` query parameter; otherwise 400;
@@ -13,7 +13,7 @@
 //! - unknown devices and twins: 404 `DeviceNotFound`;
 //! - SAS identities need both keys, each Base64 of 16 to 64 bytes: otherwise 400.
 //!
-//! Error bodies have `IoT` Hub's shape: `{"Message":"ErrorCode:Code;text","ExceptionMessage":…}`.
+//! Error bodies have IoT Hub's shape: `{"Message":"ErrorCode:Code;text","ExceptionMessage":…}`.
 //! A test can make the next N requests fail with any status ([`FakeHub::fail_next`]).
 //!
 //! Include it from a test file with `mod fake_hub;`. It runs on its own thread and runtime, so
@@ -183,7 +183,7 @@ impl FakeHub {
         self.state().requests.clear();
     }
 
-    /// Answers the next `count` requests with `status` and an `IoT` Hub error body, before
+    /// Answers the next `count` requests with `status` and an IoT Hub error body, before
     /// looking at them (they are still recorded). 429 and 503 test retries; any other status
     /// tests a refusal.
     pub fn fail_next(&self, count: usize, status: u16) {
@@ -261,7 +261,7 @@ struct Failure {
 
 struct Device {
     generation_id: String,
-    /// Opaque counter; shown as Base64 like `IoT` Hub's etags.
+    /// Opaque counter; shown as Base64 like IoT Hub's etags.
     etag: u64,
     status: String,
     authentication: Value,
@@ -374,7 +374,7 @@ impl Answer {
         }
     }
 
-    /// An `IoT` Hub error: `{"Message":"ErrorCode:{code};{text}","ExceptionMessage":…}`.
+    /// An IoT Hub error: `{"Message":"ErrorCode:{code};{text}","ExceptionMessage":…}`.
     fn error(status: StatusCode, code: &str, text: &str) -> Self {
         Self {
             status,
