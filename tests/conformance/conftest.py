@@ -1,7 +1,13 @@
-"""Fixtures for the Berth service-API conformance suite.
+"""Fixtures for the Berth conformance suite.
 
-One `berth serve` process per pytest session, on a free loopback port with a temporary data
-directory, talked to through the official Python service SDK (azure-iot-deviceprovisioning).
+Service API: one `berth serve` process per pytest session (`berth` fixture), on a free loopback
+port with a temporary data directory, talked to through the official Python service SDK
+(azure-iot-deviceprovisioning).
+
+Device API: a second `berth serve` (`device_server` fixture) on the fixed ports the official
+Python device SDK hard-codes (443 for HTTPS and MQTT over WebSocket, 8883 for MQTT over TLS), with
+its own data directory and, in PostgreSQL mode, its own database. Started only when a device test
+runs; it fails (never skips) when those ports cannot be bound.
 
 Environment:
   BERTH_BIN                  path of the berth binary (default: <repo>/target/debug/berth)
@@ -10,11 +16,15 @@ Environment:
                              (required for BERTH_CONFORMANCE_DB=postgres; a fresh database is
                              created for the session and dropped afterwards)
   BERTH_STARTUP_TIMEOUT      seconds to wait for /healthz (default 30)
+  BERTH_DEVICE_HTTPS_PORT    HTTPS port of the device server (default 443; the SDK needs 443)
+  BERTH_DEVICE_MQTT_PORT     MQTT port of the device server (default 8883; the SDK needs 8883)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,8 +45,8 @@ import helpers
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO_ROOT / "target" / "debug" / "berth"
 
-# Set while the session server runs, so the terminal summary can print its log on failure.
-_SERVER_LOG: Optional[Path] = None
+# Logs of the servers started in this session, so the terminal summary can print them on failure.
+_SERVER_LOGS: list = []
 
 
 @dataclass
@@ -182,50 +192,60 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def berth(tmp_path_factory) -> Berth:
-    """The running Berth server for this session."""
-    global _SERVER_LOG
-    binary = _berth_bin()
+def _db_mode() -> str:
     db_mode = os.environ.get("BERTH_CONFORMANCE_DB", "sqlite").strip().lower()
     if db_mode not in ("sqlite", "postgres"):
         pytest.exit(f"BERTH_CONFORMANCE_DB must be sqlite or postgres, not {db_mode!r}", returncode=3)
+    return db_mode
 
-    root = tmp_path_factory.mktemp("berth")
-    data_dir = root / "data"
-    data_dir.mkdir()
-    log_path = root / "berth.log"
-    port = _free_port()
-    common = ["--data-dir", str(data_dir), "--https-port", str(port)]
-    drop_db = None
-    pg_url = None
-    if db_mode == "postgres":
-        url, drop_db = _postgres_database()
-        pg_url = url
-        common += ["--database-url", url]
 
+def _server_env() -> dict:
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
     env.setdefault("RUST_BACKTRACE", "1")
     env["NO_COLOR"] = "1"  # plain log file
-    # The CLI flags are authoritative; make sure no inherited BERTH_* setting overrides them.
-    for var in (
-        "BERTH_DATA_DIR",
-        "BERTH_HTTPS_PORT",
-        "BERTH_DATABASE_URL",
-        "BERTH_HOST_NAME",
-        "BERTH_CONFIG",
-        "BERTH_BIND",
-        "BERTH_TLS_CERT",
-        "BERTH_TLS_KEY",
-        "BERTH_SECRET_KEY",
-    ):
+    # The CLI flags are authoritative; make sure no inherited BERTH_* setting (data dir, ports,
+    # database, host name, config file, TLS files, secret key, …) overrides them.
+    for var in [name for name in env if name.startswith("BERTH_")]:
         env.pop(var, None)
+    return env
 
-    log_file = open(log_path, "wb")  # noqa: SIM115 - closed in the finalizer
-    _SERVER_LOG = log_path
+
+_SERVE_FLAGS: Optional[str] = None
+
+
+def _serve_supports(binary: Path, flag: str) -> bool:
+    """Whether `berth serve --help` lists `flag` (the device listeners are newer than the suite)."""
+    global _SERVE_FLAGS
+    if _SERVE_FLAGS is None:
+        out = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, timeout=60)
+        _SERVE_FLAGS = out.stdout + out.stderr
+    return re.search(rf"(^|\s){re.escape(flag)}\b", _SERVE_FLAGS) is not None
+
+
+@contextlib.contextmanager
+def _running_berth(tmp_path_factory, *, name: str, https_port: int, serve_args: tuple = (), cls=None, **fields):
+    """Start `berth serve --data-dir <tmp> --https-port <https_port> [--database-url <fresh db>]
+    <serve_args…>`, wait for /healthz, read its connection string, yield a `Berth` (or `cls`),
+    and stop the server (and drop its database) afterwards."""
+    binary = _berth_bin()
+    db_mode = _db_mode()
+    root = tmp_path_factory.mktemp(name)
+    data_dir = root / "data"
+    data_dir.mkdir()
+    log_path = root / "berth.log"
+    common = ["--data-dir", str(data_dir), "--https-port", str(https_port)]
+    drop_db = None
+    pg_url = None
+    if db_mode == "postgres":
+        pg_url, drop_db = _postgres_database()
+        common += ["--database-url", pg_url]
+    env = _server_env()
+
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed in the finally block
+    _SERVER_LOGS.append(log_path)
     proc = subprocess.Popen(
-        [str(binary), "serve", *common],
+        [str(binary), "serve", *common, *serve_args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -234,7 +254,7 @@ def berth(tmp_path_factory) -> Berth:
     )
     try:
         ca_path = data_dir / "ca.pem"
-        _wait_healthy(proc, ca_path, port, log_path, float(os.environ.get("BERTH_STARTUP_TIMEOUT", "30")))
+        _wait_healthy(proc, ca_path, https_port, log_path, float(os.environ.get("BERTH_STARTUP_TIMEOUT", "30")))
         if pg_url is not None:
             # Guard against a server that silently ignores --database-url: it must have migrated
             # the fresh database.
@@ -261,8 +281,8 @@ def berth(tmp_path_factory) -> Berth:
             )
         lines = [line for line in out.stdout.splitlines() if line.strip()]
         assert len(lines) == 1, f"`berth connection-string` must print exactly one line, got {out.stdout!r}"
-        server = Berth(
-            port=port,
+        server = (cls or Berth)(
+            port=https_port,
             data_dir=data_dir,
             ca_path=ca_path,
             connection_string=lines[0].strip(),
@@ -270,6 +290,7 @@ def berth(tmp_path_factory) -> Berth:
             db_mode=db_mode,
             cli=(str(binary), *common),
             env=env,
+            **fields,
         )
         yield server
     finally:
@@ -278,6 +299,18 @@ def berth(tmp_path_factory) -> Berth:
         log_file.close()
         if drop_db is not None:
             drop_db()
+
+
+@pytest.fixture(scope="session")
+def berth(tmp_path_factory) -> Berth:
+    """The running Berth server for the service-API tests (free HTTPS port)."""
+    serve_args: tuple = ()
+    # Once `serve` has an MQTT listener, give this server a free MQTT port so that it never takes
+    # 8883 away from `device_server`.
+    if _serve_supports(_berth_bin(), "--mqtt-port"):
+        serve_args = ("--mqtt-port", str(_free_port()))
+    with _running_berth(tmp_path_factory, name="berth", https_port=_free_port(), serve_args=serve_args) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -303,12 +336,95 @@ def linked_hub(client) -> str:
     helpers.raw(client, "DELETE", f"/linkedHubs/{host}")
 
 
+# --------------------------------------------------------------------------------------------
+# Device API: a second server on the ports the official device SDK hard-codes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceBerth(Berth):
+    """The device-API server: a `Berth` plus its ID scope and MQTT port."""
+
+    id_scope: str = ""
+    mqtt_port: int = 8883
+
+    @property
+    def ca_pem(self) -> str:
+        """The CA as PEM text (what the device SDK's `server_verification_cert` takes)."""
+        return self.ca_path.read_text()
+
+
+def _assert_can_bind(port: int) -> None:
+    """Fail (not skip) with a clear message when a fixed device port is taken or privileged."""
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6 on this machine
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+        except OSError as exc:
+            pytest.fail(
+                f"the device tests need TCP port {port} ({host}) because the official Python device "
+                f"SDK hard-codes 443 (HTTPS, MQTT over WebSocket) and 8883 (MQTT); binding it failed: "
+                f"{exc}. Run as root (or grant CAP_NET_BIND_SERVICE) and stop whatever listens there.",
+                pytrace=False,
+            )
+        finally:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def device_server(tmp_path_factory) -> DeviceBerth:
+    """A second Berth on 443 (HTTPS + MQTT over WebSocket) and 8883 (MQTT over TLS), with its own
+    data directory and (PostgreSQL mode) its own fresh database."""
+    https_port = int(os.environ.get("BERTH_DEVICE_HTTPS_PORT", "443"))
+    mqtt_port = int(os.environ.get("BERTH_DEVICE_MQTT_PORT", "8883"))
+    _assert_can_bind(https_port)
+    _assert_can_bind(mqtt_port)
+    with _running_berth(
+        tmp_path_factory,
+        name="berth-device",
+        https_port=https_port,
+        serve_args=("--mqtt-port", str(mqtt_port)),
+        cls=DeviceBerth,
+        mqtt_port=mqtt_port,
+    ) as server:
+        out = server.run_cli("id-scope")
+        lines = [line.strip() for line in out.splitlines() if line.strip()]
+        assert len(lines) == 1 and re.fullmatch(r"0ne[0-9A-Fa-f]{8}", lines[0]), (
+            f"`berth id-scope` must print one ID scope (0ne + 8 hex digits), got {out!r}"
+        )
+        server.id_scope = lines[0]
+        yield server
+
+
+@pytest.fixture(scope="session")
+def device_client(device_server: DeviceBerth) -> DeviceProvisioningClient:
+    """The service SDK client of the device server (enrollments, linked hubs, hub devices)."""
+    c = device_server.make_client()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def device_hub(device_client) -> str:
+    """A hub linked to the device server by host name only (`{}` body: the `record` driver)."""
+    host = helpers.link_record_hub(device_client, "dhub")
+    yield host
+    helpers.raw(device_client, "DELETE", f"/linkedHubs/{host}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print the server log when something failed."""
-    if _SERVER_LOG is None or exitstatus == 0:
+    """Print the server logs when something failed."""
+    if not _SERVER_LOGS or exitstatus == 0:
         return
-    terminalreporter.write_sep("=", f"berth server log ({_SERVER_LOG})")
-    terminalreporter.write_line(_tail(_SERVER_LOG, 40000))
+    for log in _SERVER_LOGS:
+        terminalreporter.write_sep("=", f"berth server log ({log})")
+        terminalreporter.write_line(_tail(log, 40000))
 
 
 def pytest_report_header(config):
@@ -316,4 +432,3 @@ def pytest_report_header(config):
         f"berth binary: {os.environ.get('BERTH_BIN') or DEFAULT_BIN}",
         f"database: {os.environ.get('BERTH_CONFORMANCE_DB', 'sqlite')}",
     ]
-

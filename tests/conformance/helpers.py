@@ -9,10 +9,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import hmac
 import json
 import os
 import re
 import struct
+import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -239,3 +242,199 @@ def tpm_endorsement_key() -> str:
         ]
     )
     return b64(struct.pack(">H", len(tpmt_public)) + tpmt_public)
+
+
+# --------------------------------------------------------------------------------------------
+# Device API: SAS tokens, group keys, enrollments, linked hubs and the hub side
+# --------------------------------------------------------------------------------------------
+
+# What the C and Edge device clients send on HTTPS; the Python device SDK sends 2019-03-31 on MQTT.
+DEVICE_API_VERSION = "2021-06-01"
+MQTT_API_VERSION = "2019-03-31"
+
+
+def derive_device_key(group_key: str, registration_id: str) -> str:
+    """A group member's device key: base64(HMAC-SHA256(base64decode(groupKey), registrationId))."""
+    mac = hmac.new(base64.b64decode(group_key), registration_id.encode("utf-8"), hashlib.sha256)
+    return b64(mac.digest())
+
+
+def device_sas_token(id_scope: str, registration_id: str, key: str, *, expiry: Optional[int] = None,
+                     ttl: int = 3600, skn: Optional[str] = "registration", lowercase_percent_encoding: bool = False,
+                     resource: Optional[str] = None) -> str:
+    """A device registration SAS token: sr={idScope}/registrations/{registrationId} URL-encoded,
+    HMAC-SHA256 over `sr + "\\n" + se` with the base64-decoded key, skn=registration.
+    `lowercase_percent_encoding` mimics the C SDK (`%2f`); the signature covers sr as sent.
+    `skn=None` leaves skn out, as the Python device SDK does."""
+    sr = urllib.parse.quote(resource or f"{id_scope}/registrations/{registration_id}", safe="")
+    if lowercase_percent_encoding:
+        sr = re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), sr)
+    se = str(expiry if expiry is not None else int(time.time()) + ttl)
+    sig = hmac.new(base64.b64decode(key), f"{sr}\n{se}".encode("utf-8"), hashlib.sha256).digest()
+    token = f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(b64(sig), safe='')}&se={se}"
+    return token if skn is None else f"{token}&skn={skn}"
+
+
+def symmetric_key_enrollment(registration_id: str, *, hubs: list, primary: Optional[str] = None,
+                             secondary: Optional[str] = None, allocation: str = "static",
+                             device_id: Optional[str] = None, status: str = "enabled",
+                             initial_twin: Optional[dict] = None, iot_edge: bool = False) -> dict:
+    """An individual symmetric-key enrollment body for the service API."""
+    keys = {}
+    if primary is not None:
+        keys["primaryKey"] = primary
+    if secondary is not None:
+        keys["secondaryKey"] = secondary
+    body = {
+        "registrationId": registration_id,
+        "attestation": {"type": "symmetricKey", "symmetricKey": keys},
+        "allocationPolicy": allocation,
+        "iotHubs": list(hubs),
+        "provisioningStatus": status,
+        "capabilities": {"iotEdge": iot_edge},
+    }
+    if device_id is not None:
+        body["deviceId"] = device_id
+    if initial_twin is not None:
+        body["initialTwin"] = initial_twin
+    return body
+
+
+def symmetric_key_group(group_id: str, *, hubs: list, primary: str, secondary: str,
+                        allocation: str = "static", status: str = "enabled") -> dict:
+    """A symmetric-key enrollment group body for the service API."""
+    return {
+        "enrollmentGroupId": group_id,
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}},
+        "allocationPolicy": allocation,
+        "iotHubs": list(hubs),
+        "provisioningStatus": status,
+    }
+
+
+def link_record_hub(client, prefix: str, *, allocation_weight: Optional[int] = None) -> str:
+    """Link a hub by host name only (no connection string: Berth's `record` driver). The hub need
+    not exist. Returns the host name."""
+    host = f"{unique_id(prefix)}.azure-devices.net"
+    body: dict = {}
+    if allocation_weight is not None:
+        body = {"allocationWeight": allocation_weight, "applyAllocationPolicy": True}
+    r = raw(client, "PUT", f"/linkedHubs/{host}", json_body=body)
+    assert r.status_code in (200, 201), f"linking {host} failed: {r.status_code} {r.text()!r}"
+    return host
+
+
+# The twin the `record` driver writes when the enrollment has no initialTwin.
+EMPTY_TWIN = {"tags": {}, "properties": {"desired": {}}}
+
+
+def hub_device(client, hub: str, device_id: str):
+    """What the `record` driver wrote to `hub` for `device_id`: the parsed body, or None on 404."""
+    r = raw(client, "GET", f"/linkedHubs/{hub}/devices/{device_id}")
+    if r.status_code == 404:
+        return None
+    assert r.status_code == 200, f"GET /linkedHubs/{hub}/devices/{device_id}: {r.status_code} {r.text()!r}"
+    return r.json()
+
+
+def assert_hub_device(client, hub: str, device_id: str, *, primary: str, secondary: Optional[str] = None,
+                      twin: Optional[dict] = None, iot_edge: bool = False) -> dict:
+    """The hub holds `device_id` with SAS authentication and exactly these keys, capabilities and
+    initial twin."""
+    device = hub_device(client, hub, device_id)
+    assert device is not None, f"hub {hub} has no device {device_id!r}"
+    assert device["deviceId"] == device_id, device
+    assert device["authentication"]["type"] == "sas", device
+    assert device["authentication"]["symmetricKey"]["primaryKey"] == primary, device
+    if secondary is not None:
+        assert device["authentication"]["symmetricKey"]["secondaryKey"] == secondary, device
+    assert device["capabilities"] == {"iotEdge": iot_edge}, device
+    assert device["twin"] == (twin if twin is not None else EMPTY_TWIN), device
+    return device
+
+
+def assert_no_hub_device(client, hub: str, device_id: str) -> None:
+    device = hub_device(client, hub, device_id)
+    assert device is None, f"hub {hub} must not hold {device_id!r}, but has {device!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# The official Python device SDK (azure-iot-device)
+# --------------------------------------------------------------------------------------------
+
+_UNSET = object()
+
+# How long one SDK registration may take before the test fails (the SDK itself has no overall
+# timeout: it polls for as long as the server says "assigning").
+SDK_REGISTER_TIMEOUT = 60
+
+
+def _shutdown_sdk_client(device_client) -> None:
+    """Disconnect a provisioning client whose register() did not end in "assigned" (the SDK
+    shuts its pipeline down only after success and offers no public shutdown)."""
+    from azure.iot.device.common.evented_callback import EventedCallback
+
+    try:
+        done = EventedCallback()
+        device_client._pipeline.shutdown(callback=done)
+        done.wait_for_completion()
+    except Exception:  # noqa: BLE001 - already shut down (after success) or never connected
+        pass
+
+
+def sdk_register(server, registration_id: str, symmetric_key: str, *, websockets: bool, payload: Any = _UNSET,
+                 timeout: float = SDK_REGISTER_TIMEOUT):
+    """Register with the official device SDK: `ProvisioningDeviceClient.create_from_symmetric_key`
+    against localhost (MQTT on 8883, or MQTT over WebSocket on 443), trusting the server's CA.
+    Returns the RegistrationResult or raises what `register()` raised."""
+    import threading
+
+    from azure.iot.device import ProvisioningDeviceClient
+
+    device_client = ProvisioningDeviceClient.create_from_symmetric_key(
+        provisioning_host="localhost",
+        registration_id=registration_id,
+        id_scope=server.id_scope,
+        symmetric_key=symmetric_key,
+        websockets=websockets,
+        server_verification_cert=server.ca_pem,
+    )
+    if payload is not _UNSET:
+        device_client.provisioning_payload = payload
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = device_client.register()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"register-{registration_id}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    try:
+        if thread.is_alive():
+            raise AssertionError(f"SDK registration of {registration_id} did not finish within {timeout:.0f}s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+    finally:
+        _shutdown_sdk_client(device_client)
+
+
+def sdk_register_many(server, devices: list, *, websockets: bool) -> dict:
+    """Register several (registration_id, key) pairs concurrently with the SDK; returns
+    {registration_id: RegistrationResult}. Raises the first failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        futures = {
+            reg_id: pool.submit(sdk_register, server, reg_id, key, websockets=websockets) for reg_id, key in devices
+        }
+        return {reg_id: future.result() for reg_id, future in futures.items()}
+
+
+def sdk_disabled_error_message() -> str:
+    """What azure-iot-device 2.x raises (as the __cause__ of ClientError) for status "disabled":
+    it only knows assigning/assigned/failed."""
+    return "Query Status Operation encountered an invalid registration status disabled with a status code of 200"

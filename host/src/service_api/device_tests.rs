@@ -560,6 +560,20 @@ mod mqtt_session {
     }
 
     #[tokio::test]
+    async fn keep_alive_is_enforced() {
+        let h = backends().await.into_iter().next().unwrap();
+        let mut client = Client::start(h.state.provisioning.clone());
+        let mut connect = Connect::new("sleepy");
+        connect.keep_alive = 1;
+        connect.set_login(format!("{ID_SCOPE}/registrations/sleepy/api-version=2019-03-31"), "token");
+        client.send(Packet::Connect(connect)).await;
+        assert!(matches!(client.next().await, Some(Packet::ConnAck(_))));
+        let started = std::time::Instant::now();
+        assert!(client.next().await.is_none(), "silence beyond 1.5 x keep-alive closes the session");
+        assert!(started.elapsed() >= Duration::from_millis(1400));
+    }
+
+    #[tokio::test]
     async fn a_device_registers_over_an_mqtt_session() {
         for h in backends().await {
             h.link("hub-a.example.net", json!({})).await;
