@@ -284,6 +284,52 @@ fn response_topic(status: u16, rid: &str, retry_after: Option<u32>) -> String {
     }
 }
 
+/// Reads until the protocol name and level of the first packet are known. The first packet
+/// must be a CONNECT (type 1).
+async fn connect_version<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buffer: &mut BytesMut,
+) -> Result<(String, u8), SessionEnd> {
+    loop {
+        if let Some(&first) = buffer.first() {
+            if first >> 4 != 1 {
+                return Err(SessionEnd::Refused(
+                    "the first packet was not CONNECT".to_owned(),
+                ));
+            }
+        }
+        if let Some((name, level)) = parse_connect_version(buffer) {
+            return Ok((String::from_utf8_lossy(name).into_owned(), level));
+        }
+        if buffer.len() > 64 {
+            return Err(SessionEnd::Refused("a malformed CONNECT".to_owned()));
+        }
+        let mut chunk = [0u8; 256];
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(SessionEnd::Closed);
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The protocol name and level of a CONNECT at the start of `buffer`, once they are there.
+fn parse_connect_version(buffer: &[u8]) -> Option<(&[u8], u8)> {
+    // Fixed header: the type byte, then one to four bytes of remaining length.
+    let mut at = 1;
+    loop {
+        let byte = *buffer.get(at)?;
+        at += 1;
+        if byte & 0x80 == 0 || at >= 5 {
+            break;
+        }
+    }
+    let length = usize::from(u16::from_be_bytes([*buffer.get(at)?, *buffer.get(at + 1)?]));
+    let name = buffer.get(at + 2..at + 2 + length)?;
+    let level = *buffer.get(at + 2 + length)?;
+    Some((name, level))
+}
+
 /// Serves one MQTT connection to its end.
 pub async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
@@ -329,14 +375,21 @@ where
             code,
         })
     };
-    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(reader, buffer)).await {
+    // Refuse other protocol versions with CONNACK 1 before parsing the rest: an MQTT 5
+    // CONNECT does not parse as 3.1.1.
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_version(reader, buffer)).await {
         Err(_) => return Err(SessionEnd::Idle),
-        Ok(Err(SessionEnd::Codec(CodecError::InvalidProtocolLevel(level)))) => {
+        Ok(Err(error)) => return Err(error),
+        Ok(Ok((name, level))) if name != "MQTT" || level != 4 => {
             write_packet(writer, &connack(ConnectReturnCode::RefusedProtocolVersion)).await?;
             return Err(SessionEnd::Refused(format!(
-                "MQTT protocol level {level}; DPS speaks 3.1.1 (level 4)"
+                "protocol {name} level {level}; DPS speaks MQTT 3.1.1 (level 4)"
             )));
         }
+        Ok(Ok(_)) => {}
+    }
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(reader, buffer)).await {
+        Err(_) => return Err(SessionEnd::Idle),
         Ok(Err(error)) => return Err(error),
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(_)) => {
@@ -522,6 +575,20 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_protocol_version_of_a_connect() {
+        let mut out = BytesMut::new();
+        Packet::Connect(rumqttc::mqttbytes::v4::Connect::new("dev"))
+            .write(&mut out, 1024)
+            .unwrap();
+        assert_eq!(parse_connect_version(&out), Some((&b"MQTT"[..], 4)));
+        assert_eq!(
+            parse_connect_version(&[0x10, 0x10, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 3]),
+            Some((&b"MQIsdp"[..], 3))
+        );
+        assert_eq!(parse_connect_version(&[0x10, 0x10, 0x00]), None);
+    }
 
     #[test]
     fn parses_the_usernames_the_sdks_send() {

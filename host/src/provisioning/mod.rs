@@ -32,6 +32,8 @@ pub use throttle::Throttle;
 
 /// How long a node owns an operation it is working on before another may take it over.
 const LEASE_SECONDS: i64 = 60;
+/// The error code a `disabled` state carries (wire-protocol.md §3.4 asks for one).
+const DISABLED_ERROR_CODE: u32 = 401_003;
 /// Seconds the device is told to wait before polling: an integer from 2 to 5 (§3.7).
 pub const RETRY_AFTER_SECONDS: u32 = 3;
 
@@ -227,11 +229,6 @@ impl Provisioning {
                 )));
             }
         }
-        if let Some(payload) = &body.payload {
-            if !(payload.is_object() || payload.is_null()) {
-                return Err(ServiceError::invalid("payload must be a JSON object"));
-            }
-        }
         self.throttle.admit_registration()?;
         let attested = self.attest(&call).await?;
         let operation_id = new_operation_id();
@@ -332,12 +329,14 @@ impl Provisioning {
             Ok(Some(done)) => done,
             Ok(None) => return,
             Err((request, code, message)) => {
+                let now = now_utc();
                 let state = RegistrationState {
                     registration_id: request.map_or_else(String::new, |r| r.registration_id),
                     status: "failed".to_owned(),
                     error_code: Some(i64::from(code)),
                     error_message: Some(message),
-                    last_updated_date_time_utc: Some(now_utc()),
+                    created_date_time_utc: Some(now.clone()),
+                    last_updated_date_time_utc: Some(now),
                     ..RegistrationState::default()
                 };
                 (state, None)
@@ -446,10 +445,14 @@ impl Provisioning {
             row.record.doc.provisioning_status == Some(ProvisioningStatus::Disabled)
         };
         if is_disabled(&enrollment) || individual.as_ref().is_some_and(is_disabled) {
+            let now = now_utc();
             let state = RegistrationState {
                 registration_id,
                 status: "disabled".to_owned(),
-                last_updated_date_time_utc: Some(now_utc()),
+                error_code: Some(i64::from(DISABLED_ERROR_CODE)),
+                error_message: Some("the device's enrollment is disabled".to_owned()),
+                created_date_time_utc: Some(now.clone()),
+                last_updated_date_time_utc: Some(now),
                 ..RegistrationState::default()
             };
             return Ok(Some((state, None)));

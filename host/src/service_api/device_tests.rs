@@ -111,7 +111,7 @@ async fn an_individual_device_is_assigned_and_its_hub_identity_written() {
             .register(
                 "dev-1",
                 &device_token("dev-1", &key),
-                json!({"registrationId": "dev-1", "payload": {"model": "x"}}),
+                json!({"registrationId": "dev-1", "payload": "{\"model\": \"x\"}"}),
             )
             .await;
         let state = &done["registrationState"];
@@ -560,16 +560,41 @@ mod mqtt_session {
     }
 
     #[tokio::test]
+    async fn other_mqtt_versions_get_connack_1() {
+        let h = backends().await.into_iter().next().unwrap();
+        for level in [3u8, 5u8] {
+            let mut client = Client::start(h.state.provisioning.clone());
+            // CONNECT "MQTT" level 3 or 5, clean session, keep-alive 60, client id "d".
+            let packet = [
+                0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x3c, 0x00,
+                0x01, b'd',
+            ];
+            client.io.write_all(&packet).await.unwrap();
+            assert!(
+                matches!(client.next().await, Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::RefusedProtocolVersion),
+                "level {level}"
+            );
+            assert!(client.next().await.is_none());
+        }
+    }
+
+    #[tokio::test]
     async fn keep_alive_is_enforced() {
         let h = backends().await.into_iter().next().unwrap();
         let mut client = Client::start(h.state.provisioning.clone());
         let mut connect = Connect::new("sleepy");
         connect.keep_alive = 1;
-        connect.set_login(format!("{ID_SCOPE}/registrations/sleepy/api-version=2019-03-31"), "token");
+        connect.set_login(
+            format!("{ID_SCOPE}/registrations/sleepy/api-version=2019-03-31"),
+            "token",
+        );
         client.send(Packet::Connect(connect)).await;
         assert!(matches!(client.next().await, Some(Packet::ConnAck(_))));
         let started = std::time::Instant::now();
-        assert!(client.next().await.is_none(), "silence beyond 1.5 x keep-alive closes the session");
+        assert!(
+            client.next().await.is_none(),
+            "silence beyond 1.5 x keep-alive closes the session"
+        );
         assert!(started.elapsed() >= Duration::from_millis(1400));
     }
 

@@ -39,6 +39,10 @@ pub use auth::Audience;
 
 /// The largest request body accepted (seed LIM-07: 96 KB).
 pub const MAX_BODY_BYTES: usize = 96 * 1024;
+/// Oversized bodies up to this size are drained before the 400 is sent.
+const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
+/// How long draining an oversized body may take.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// The api-version every answer is given in.
 pub const API_VERSION: &str = "2021-10-01";
 /// At most this many linked hubs (seed LIM-06).
@@ -428,20 +432,48 @@ pub(crate) fn check_content_type(headers: &HeaderMap, body: &Bytes) -> Result<()
 }
 
 pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ServiceError> {
+    use http_body_util::BodyExt as _;
+    let too_large = ServiceError::BodyTooLarge {
+        limit: MAX_BODY_BYTES,
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
-        return Err(ServiceError::BodyTooLarge {
-            limit: MAX_BODY_BYTES,
-        });
+    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+        return Err(too_large);
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ServiceError::BodyTooLarge {
-            limit: MAX_BODY_BYTES,
-        })
+    // An oversized body is read to its end (up to DRAIN_LIMIT, within DRAIN_TIME) and thrown
+    // away, so that the client, still sending, reads the 400 instead of a reset connection.
+    let mut body = body;
+    let mut collected = bytes::BytesMut::new();
+    let mut total = 0usize;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(_))) | Err(_) => {
+                return Err(if total > MAX_BODY_BYTES {
+                    too_large
+                } else {
+                    ServiceError::MalformedBody("the request body could not be read".to_owned())
+                })
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            total = total.saturating_add(data.len());
+            if total <= MAX_BODY_BYTES {
+                collected.extend_from_slice(&data);
+            } else if total > DRAIN_LIMIT {
+                break;
+            }
+        }
+    }
+    if total > MAX_BODY_BYTES {
+        return Err(too_large);
+    }
+    Ok(collected.freeze())
 }
 
 async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
