@@ -65,6 +65,21 @@ pub struct ServeArgs {
     /// PEM CA to trust for hubs of the azure driver, in addition to the system roots.
     #[arg(long, env = "BERTH_HUB_CA_FILE")]
     pub hub_ca_file: Option<PathBuf>,
+    /// PEM CA to trust for custom allocation webhooks, in addition to the system roots.
+    #[arg(long, env = "BERTH_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<PathBuf>,
+    /// Seconds one webhook call may take.
+    #[arg(long, env = "BERTH_WEBHOOK_TIMEOUT")]
+    pub webhook_timeout: Option<u64>,
+    /// Webhook attempts for 429 and 5xx answers (the seed: 10).
+    #[arg(long, env = "BERTH_WEBHOOK_ATTEMPTS")]
+    pub webhook_attempts: Option<u32>,
+    /// Milliseconds before the second webhook attempt (the seed: 1000).
+    #[arg(long, env = "BERTH_WEBHOOK_INITIAL_INTERVAL_MS")]
+    pub webhook_initial_interval_ms: Option<u64>,
+    /// Milliseconds added to the wait before each further attempt (the seed: 9000).
+    #[arg(long, env = "BERTH_WEBHOOK_INTERVAL_STEP_MS")]
+    pub webhook_interval_step_ms: Option<u64>,
 }
 
 /// The TOML file: the same settings, in snake case.
@@ -86,6 +101,11 @@ struct FileConfig {
     #[serde(default)]
     geo: Vec<String>,
     hub_ca_file: Option<PathBuf>,
+    webhook_ca_file: Option<PathBuf>,
+    webhook_timeout: Option<u64>,
+    webhook_attempts: Option<u32>,
+    webhook_initial_interval_ms: Option<u64>,
+    webhook_interval_step_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +142,8 @@ pub struct ServeConfig {
     pub registration_rate: Option<u32>,
     pub geo: crate::allocation::GeoMap,
     pub hub_ca_file: Option<PathBuf>,
+    pub webhook_ca_file: Option<PathBuf>,
+    pub webhook: crate::allocation::webhook::WebhookSettings,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "berth-data";
@@ -184,6 +206,29 @@ impl ServeConfig {
             )
             .map_err(ConfigError::Invalid)?,
             hub_ca_file: args.hub_ca_file.clone().or(file.hub_ca_file),
+            webhook_ca_file: args.webhook_ca_file.clone().or(file.webhook_ca_file),
+            webhook: {
+                let defaults = crate::allocation::webhook::WebhookSettings::default();
+                crate::allocation::webhook::WebhookSettings {
+                    timeout: args
+                        .webhook_timeout
+                        .or(file.webhook_timeout)
+                        .map_or(defaults.timeout, Duration::from_secs),
+                    attempts: args
+                        .webhook_attempts
+                        .or(file.webhook_attempts)
+                        .unwrap_or(defaults.attempts)
+                        .max(1),
+                    initial_interval: args
+                        .webhook_initial_interval_ms
+                        .or(file.webhook_initial_interval_ms)
+                        .map_or(defaults.initial_interval, Duration::from_millis),
+                    interval_step: args
+                        .webhook_interval_step_ms
+                        .or(file.webhook_interval_step_ms)
+                        .map_or(defaults.interval_step, Duration::from_millis),
+                }
+            },
         };
         if config.https_port == 0 {
             return Err(ConfigError::Invalid("https_port must not be 0".to_owned()));

@@ -30,7 +30,7 @@ pub enum ServiceError {
     Conflict(String),
     #[error("the etag in If-Match does not match the current etag of {0}")]
     PreconditionFailed(String),
-    #[error("unsupported content type '{0}': send application/json")]
+    #[error("unsupported content type '{0}': send application/json (application/wasm for policy uploads)")]
     UnsupportedMediaType(String),
     /// Over a rate limit (seed RATE-03/04); the caller retries after `retry_after` seconds.
     #[error("{message}")]
@@ -50,6 +50,8 @@ pub enum NotFoundKind {
     IdScope,
     Operation,
     HubDevice,
+    Policy,
+    LookupTable,
 }
 
 impl fmt::Display for NotFoundKind {
@@ -63,6 +65,8 @@ impl fmt::Display for NotFoundKind {
             Self::IdScope => "ID scope",
             Self::Operation => "operation",
             Self::HubDevice => "device in the hub registry",
+            Self::Policy => "policy",
+            Self::LookupTable => "lookup table",
         })
     }
 }
@@ -113,6 +117,8 @@ impl ServiceError {
                 NotFoundKind::IdScope => 404_206,
                 NotFoundKind::Operation => 404_207,
                 NotFoundKind::HubDevice => 404_208,
+                NotFoundKind::Policy => 404_209,
+                NotFoundKind::LookupTable => 404_210,
             },
             Self::RouteNotFound { .. } => 404_000,
             Self::MethodNotAllowed { .. } => 405_000,

@@ -8,12 +8,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::allocation::webhook::WebhookClient;
 use crate::config::ServeConfig;
 use crate::hubs::azure::AzureDriver;
 use crate::hubs::driver::{HubDrivers, HubError};
 use crate::instance::{Instance, InstanceError};
 use crate::model::access::OWNER_POLICY;
+use crate::policy::PolicyEngine;
 use crate::protocol::{https, mqtt, tls};
+use crate::provisioning::custom::Custom;
 use crate::provisioning::{Provisioning, ProvisioningSettings};
 use crate::service_api::{app, Audience, ServiceState};
 use crate::telemetry::metrics::Metrics;
@@ -35,6 +38,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot set up the azure hub driver: {0}")]
     HubDriver(#[from] HubError),
+    #[error("cannot set up custom allocation: {0}")]
+    Custom(String),
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -56,12 +61,23 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         geo: config.geo.clone(),
         registrations_per_minute: config.registration_rate,
     };
+    let engine = PolicyEngine::new(Some(instance.data_dir.join("policy-cache")))
+        .map_err(|e| StartError::Custom(e.to_string()))?;
+    let webhook = WebhookClient::new(config.webhook.clone(), config.webhook_ca_file.as_deref())
+        .map_err(StartError::Custom)?;
+    let custom = Arc::new(Custom::new(
+        instance.store.clone(),
+        engine,
+        webhook,
+        metrics.clone(),
+    ));
     let provisioning = Arc::new(Provisioning::new(
         instance.store.clone(),
         drivers,
         instance.id_scope.clone(),
         settings,
         metrics.clone(),
+        custom.clone(),
     ));
     crate::provisioning::spawn_housekeeping(provisioning.clone());
     let state = Arc::new(ServiceState {

@@ -60,12 +60,24 @@ async fn world() -> World {
             .unwrap();
     }
     let drivers = HubDrivers::new(store.clone(), AzureDriver::new(Some(&bundle)).unwrap());
+    let metrics = Arc::new(berth::telemetry::metrics::Metrics::default());
+    let custom = Arc::new(berth::provisioning::custom::Custom::new(
+        store.clone(),
+        berth::policy::PolicyEngine::new(None).unwrap(),
+        berth::allocation::webhook::WebhookClient::new(
+            berth::allocation::webhook::WebhookSettings::default(),
+            None,
+        )
+        .unwrap(),
+        metrics.clone(),
+    ));
     let provisioning = Arc::new(Provisioning::new(
         store.clone(),
         drivers,
         SCOPE.to_owned(),
         ProvisioningSettings::default(),
-        Arc::new(berth::telemetry::metrics::Metrics::default()),
+        metrics,
+        custom,
     ));
     World {
         _dir: dir,

@@ -14,6 +14,9 @@
 //!   as DPS hashes across hubs of equal latency (ALLOC-10).
 //! - **static**: the one hub the enrollment names.
 
+pub mod custom;
+pub mod webhook;
+
 use std::net::IpAddr;
 
 use ipnet::IpNet;

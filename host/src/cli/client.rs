@@ -150,6 +150,136 @@ impl Client {
         Ok((value, response_headers))
     }
 
+    /// PUTs raw bytes (policy uploads); `query` is appended after `api-version`.
+    pub async fn upload(
+        &self,
+        path: &str,
+        query: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<Value, ClientError> {
+        let mut url = format!(
+            "https://{}{path}?api-version={}",
+            self.target.authority,
+            crate::service_api::API_VERSION
+        );
+        if !query.is_empty() {
+            url.push('&');
+            url.push_str(query);
+        }
+        let response = self
+            .http
+            .put(&url)
+            .header("Authorization", self.token())
+            .header("Content-Type", content_type)
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(self.target.authority.clone(), e))?;
+        Self::json_or_error(response, &self.target.authority).await
+    }
+
+    /// GETs raw bytes (policy downloads).
+    pub async fn download(&self, path: &str, query: &str) -> Result<Vec<u8>, ClientError> {
+        let mut url = format!(
+            "https://{}{path}?api-version={}",
+            self.target.authority,
+            crate::service_api::API_VERSION
+        );
+        if !query.is_empty() {
+            url.push('&');
+            url.push_str(query);
+        }
+        let response = self
+            .http
+            .get(&url)
+            .header("Authorization", self.token())
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(self.target.authority.clone(), e))?;
+        if !response.status().is_success() {
+            return Self::json_or_error(response, &self.target.authority)
+                .await
+                .map(|_| Vec::new());
+        }
+        response
+            .bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| ClientError::Transport(self.target.authority.clone(), e))
+    }
+
+    /// Like `call`, for a path that already carries a query string.
+    pub async fn call_raw_path(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+    ) -> Result<(Value, reqwest::header::HeaderMap), ClientError> {
+        let separator = if path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!(
+            "https://{}{path_and_query}{separator}api-version={}",
+            self.target.authority,
+            crate::service_api::API_VERSION
+        );
+        let mut request = self
+            .http
+            .request(method, &url)
+            .header("Authorization", self.token());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(self.target.authority.clone(), e))?;
+        let headers = response.headers().clone();
+        Ok((
+            Self::json_or_error(response, &self.target.authority).await?,
+            headers,
+        ))
+    }
+
+    fn token(&self) -> String {
+        build_token(
+            &self.target.authority,
+            &self.target.key,
+            Some(&self.target.key_name),
+            unix_now() + 3600,
+        )
+    }
+
+    async fn json_or_error(
+        response: reqwest::Response,
+        authority: &str,
+    ) -> Result<Value, ClientError> {
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Transport(authority.to_owned(), e))?;
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        if !status.is_success() {
+            return Err(ClientError::Service {
+                status,
+                code: value.get("errorCode").and_then(Value::as_i64),
+                message: value.get("message").and_then(Value::as_str).map_or_else(
+                    || String::from_utf8_lossy(&bytes).into_owned(),
+                    str::to_owned,
+                ),
+            });
+        }
+        Ok(value)
+    }
+
     /// Runs a query to the end, following `x-ms-continuation`.
     pub async fn query_all(
         &self,

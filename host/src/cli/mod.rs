@@ -76,6 +76,20 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Manage WebAssembly policies (allocation policies and reprovisioning rules).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Manage lookup tables that policies may read.
+    LookupTable {
+        #[command(subcommand)]
+        action: TableAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Manage linked IoT hubs.
     Hub {
         #[command(subcommand)]
@@ -207,6 +221,71 @@ pub enum EnrollmentAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Upload a component as the next version of policy NAME.
+    Upload {
+        name: String,
+        file: PathBuf,
+        /// Wall-time deadline of one call, in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Memory one call may use, in bytes.
+        #[arg(long)]
+        memory_bytes: Option<u64>,
+    },
+    /// List policies (latest versions).
+    List,
+    /// Show a policy: versions, world, limits, the enrollments that use it.
+    Show { name: String },
+    /// Download a version's component.
+    Download {
+        name: String,
+        #[arg(long)]
+        version: Option<i64>,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Delete a policy (refused while an enrollment uses it).
+    Delete { name: String },
+    /// Run an uploaded allocation policy on a request, without touching any device.
+    DryRun {
+        name: String,
+        /// The allocation request (JSON, camelCase, as in docs/policy-authoring.md).
+        #[arg(long)]
+        request: PathBuf,
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// Run a policy component offline, without a server (for authors and their CI).
+    Test {
+        file: PathBuf,
+        #[arg(long)]
+        request: PathBuf,
+        /// The binding's configuration (JSON text, or @FILE).
+        #[arg(long)]
+        config: Option<String>,
+        /// A lookup table: NAME=FILE.json (repeatable).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Wall-time deadline, in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TableAction {
+    /// Upload a JSON object (key → value) as the next version of table NAME.
+    Put { name: String, file: PathBuf },
+    /// List tables.
+    List,
+    /// Show a table's entries and users.
+    Show { name: String },
+    /// Delete a table (refused while an enrollment grants it).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum RegistrationAction {
     /// Show a device's registration record.
     Show { id: String },
@@ -308,6 +387,19 @@ pub async fn run(command: Command) -> Result<String, CliError> {
         }
         Command::Registration { action, client } => registrations(action, &client).await,
         Command::Hub { action, client } => hubs(action, &client).await,
+        Command::Policy {
+            action:
+                PolicyAction::Test {
+                    file,
+                    request,
+                    config,
+                    tables,
+                    timeout_ms,
+                },
+            ..
+        } => policy_test(&file, &request, config.as_deref(), &tables, timeout_ms).await,
+        Command::Policy { action, client } => policies(action, &client).await,
+        Command::LookupTable { action, client } => lookup_tables(action, &client).await,
     }
 }
 
@@ -840,4 +932,256 @@ async fn hubs(action: HubAction, args: &ClientArgs) -> Result<String, CliError> 
             Ok(format!("unlinked {name}"))
         }
     }
+}
+
+async fn policies(action: PolicyAction, args: &ClientArgs) -> Result<String, CliError> {
+    let client = connect(args).await?;
+    let show = |value: &Value| {
+        if args.json {
+            pretty(value)
+        } else {
+            describe(value)
+        }
+    };
+    match action {
+        PolicyAction::Upload {
+            name,
+            file,
+            timeout_ms,
+            memory_bytes,
+        } => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            let mut query = Vec::new();
+            if let Some(ms) = timeout_ms {
+                query.push(format!("timeoutMs={ms}"));
+            }
+            if let Some(bytes) = memory_bytes {
+                query.push(format!("memoryBytes={bytes}"));
+            }
+            let path = format!("/policies/{}", encode_segment(&name));
+            let value = client
+                .upload(&path, &query.join("&"), bytes, "application/wasm")
+                .await?;
+            Ok(show(&value))
+        }
+        PolicyAction::List => {
+            let (value, _) = client.call(Method::GET, "/policies", None, &[]).await?;
+            if args.json {
+                return Ok(pretty(&value));
+            }
+            let rows: Vec<Vec<String>> = value
+                .as_array()
+                .map(|items| {
+                    items
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                field(i, "/name"),
+                                field(i, "/version"),
+                                field(i, "/world"),
+                                field(i, "/size"),
+                                field(i, "/createdDateTimeUtc"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(table(
+                &rows,
+                &["NAME", "VERSION", "WORLD", "SIZE", "UPLOADED"],
+            ))
+        }
+        PolicyAction::Show { name } => {
+            let (value, _) = client
+                .call(
+                    Method::GET,
+                    &format!("/policies/{}", encode_segment(&name)),
+                    None,
+                    &[],
+                )
+                .await?;
+            Ok(show(&value))
+        }
+        PolicyAction::Download {
+            name,
+            version,
+            output,
+        } => {
+            let query = version.map(|v| format!("version={v}")).unwrap_or_default();
+            let bytes = client
+                .download(
+                    &format!("/policies/{}/content", encode_segment(&name)),
+                    &query,
+                )
+                .await?;
+            std::fs::write(&output, &bytes)
+                .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", output.display())))?;
+            Ok(format!(
+                "wrote {} bytes to {}",
+                bytes.len(),
+                output.display()
+            ))
+        }
+        PolicyAction::Delete { name } => {
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/policies/{}", encode_segment(&name)),
+                    None,
+                    &[],
+                )
+                .await?;
+            Ok(format!("deleted policy {name}"))
+        }
+        PolicyAction::DryRun {
+            name,
+            request,
+            version,
+        } => {
+            let text = read_file(&request)?;
+            let body: Value = serde_json::from_str(&text)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", request.display())))?;
+            let mut path = format!("/policies/{}/dryRun", encode_segment(&name));
+            if let Some(v) = version {
+                path = format!("{path}?version={v}");
+            }
+            let (value, _) = client
+                .call_raw_path(Method::POST, &path, Some(&body))
+                .await?;
+            Ok(pretty(&value))
+        }
+        PolicyAction::Test { .. } => Err(CliError::Usage("policy test runs offline".to_owned())),
+    }
+}
+
+async fn lookup_tables(action: TableAction, args: &ClientArgs) -> Result<String, CliError> {
+    let client = connect(args).await?;
+    let show = |value: &Value| {
+        if args.json {
+            pretty(value)
+        } else {
+            describe(value)
+        }
+    };
+    match action {
+        TableAction::Put { name, file } => {
+            let text = read_file(&file)?;
+            let body: Value = serde_json::from_str(&text)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+            let (value, _) = client
+                .call(
+                    Method::PUT,
+                    &format!("/lookupTables/{}", encode_segment(&name)),
+                    Some(&body),
+                    &[],
+                )
+                .await?;
+            Ok(show(&value))
+        }
+        TableAction::List => {
+            let (value, _) = client.call(Method::GET, "/lookupTables", None, &[]).await?;
+            Ok(if args.json {
+                pretty(&value)
+            } else {
+                describe(&value)
+            })
+        }
+        TableAction::Show { name } => {
+            let (value, _) = client
+                .call(
+                    Method::GET,
+                    &format!("/lookupTables/{}", encode_segment(&name)),
+                    None,
+                    &[],
+                )
+                .await?;
+            Ok(pretty(&value))
+        }
+        TableAction::Delete { name } => {
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/lookupTables/{}", encode_segment(&name)),
+                    None,
+                    &[],
+                )
+                .await?;
+            Ok(format!("deleted lookup table {name}"))
+        }
+    }
+}
+
+/// `berth policy test`: validates and runs a component offline, as the server would.
+async fn policy_test(
+    file: &PathBuf,
+    request: &PathBuf,
+    config: Option<&str>,
+    tables: &[String],
+    timeout_ms: Option<u64>,
+) -> Result<String, CliError> {
+    use crate::policy::{CallContext, Limits, PolicyEngine, World};
+    let bytes = std::fs::read(file)
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let text = read_file(request)?;
+    let doc: crate::policy::request::RequestDoc = serde_json::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", request.display())))?;
+    let config = match config {
+        Some(text) => {
+            let text = match text.strip_prefix('@') {
+                Some(path) => read_file(&PathBuf::from(path))?,
+                None => text.to_owned(),
+            };
+            let value: Value = serde_json::from_str(&text)
+                .map_err(|e| CliError::Usage(format!("--config: {e}")))?;
+            Some(value.to_string())
+        }
+        None => None,
+    };
+    let mut loaded = std::collections::BTreeMap::new();
+    for entry in tables {
+        let (name, path) = entry
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--table '{entry}' is not NAME=FILE")))?;
+        let content = read_file(&PathBuf::from(path))?;
+        let map: serde_json::Map<String, Value> =
+            serde_json::from_str(&content).map_err(|e| CliError::Usage(format!("{path}: {e}")))?;
+        loaded.insert(
+            name.to_ascii_lowercase(),
+            map.into_iter().map(|(k, v)| (k, v.to_string())).collect(),
+        );
+    }
+    let mut limits = Limits::default();
+    if let Some(ms) = timeout_ms {
+        limits.timeout_ms = ms;
+    }
+    limits.validate().map_err(CliError::Usage)?;
+    let (wit, size) = doc.to_wit().map_err(CliError::Usage)?;
+    let label = file
+        .file_name()
+        .map_or_else(|| "policy".to_owned(), |n| n.to_string_lossy().into_owned());
+    let body = tokio::task::spawn_blocking(move || {
+        let engine = PolicyEngine::new(None).map_err(|e| CliError::Usage(e.to_string()))?;
+        let (world, prepared) = engine
+            .validate(&bytes)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        if world != World::AllocationPolicy {
+            return Err(CliError::Usage(
+                "this component is a reprovisioning rule; `policy test` runs allocation policies"
+                    .to_owned(),
+            ));
+        }
+        let context = CallContext {
+            limits,
+            config,
+            tables: std::sync::Arc::new(loaded),
+        };
+        let (outcome, report) = engine.allocate(&prepared, &wit, size, &context);
+        Ok(crate::service_api::policies::dry_run_body(
+            &label, outcome, &report,
+        ))
+    })
+    .await
+    .map_err(|e| CliError::Usage(format!("the policy host stopped: {e}")))??;
+    Ok(pretty(&body))
 }

@@ -75,6 +75,85 @@ pub struct Enrollment {
     pub iot_hubs: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub custom_allocation_definition: Option<CustomAllocationDefinition>,
+    /// Berth's own: the WebAssembly policies bound to this enrollment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_binding: Option<PolicyBinding>,
+}
+
+/// The WebAssembly policies an enrollment uses, with their configuration and the lookup
+/// tables they may read. Policy references are `NAME` (the latest version) or `NAME@VERSION`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyBinding {
+    /// The allocation policy (same as `customAllocationDefinition.webhookUrl: "wasm:NAME"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<String>,
+    /// The reprovisioning rule consulted when a registered device registers again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reprovisioning: Option<String>,
+    /// JSON handed to the policies through the `config` import.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
+    /// Lookup tables the policies may read through the `lookup` import.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lookup_tables: Option<Vec<String>>,
+}
+
+/// A parsed policy reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRef {
+    pub name: String,
+    pub version: Option<i64>,
+}
+
+impl PolicyRef {
+    /// Parses `NAME` or `NAME@VERSION`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, version) = match text.split_once('@') {
+            Some((name, version)) => (
+                name,
+                Some(
+                    version
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|v| *v > 0)
+                        .ok_or_else(|| {
+                            format!("policy version in '{text}' is not a positive number")
+                        })?,
+                ),
+            ),
+            None => (text, None),
+        };
+        check_policy_name(name)?;
+        Ok(Self {
+            name: name.to_owned(),
+            version,
+        })
+    }
+
+    /// From `customAllocationDefinition.webhookUrl` with the `wasm:` scheme.
+    pub fn from_webhook_url(url: &str) -> Option<Result<Self, String>> {
+        let rest = url
+            .get(..5)
+            .filter(|scheme| scheme.eq_ignore_ascii_case("wasm:"))
+            .and_then(|_| url.get(5..))?;
+        Some(Self::parse(rest.trim_start_matches("//")))
+    }
+}
+
+/// Policy and lookup table names: 1 to 64 alphanumerics, `-`, `_` or `.`.
+pub fn check_policy_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "'{name}' is not a valid name: use 1 to 64 alphanumerics, '-', '_' or '.'"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,8 +416,15 @@ pub fn validate(
         validate_initial_twin(twin)?;
     }
     validate_hubs(&mut input, is_linked)?;
+    if let Some(binding) = &input.policy_binding {
+        validate_binding(binding)?;
+    }
+    let bound_policy = input
+        .policy_binding
+        .as_ref()
+        .is_some_and(|b| b.allocation.is_some());
     match (&input.allocation_policy, &input.custom_allocation_definition) {
-        (Some(AllocationPolicy::Custom), None) => {
+        (Some(AllocationPolicy::Custom), None) if !bound_policy => {
             return Err(invalid(
                 "A CustomAllocationDefinition is required for an enrollment with a custom allocation policy",
             ))
@@ -420,7 +506,37 @@ fn validate_initial_twin(twin: &Value) -> Result<(), ServiceError> {
     Ok(())
 }
 
+fn validate_binding(binding: &PolicyBinding) -> Result<(), ServiceError> {
+    for reference in [&binding.allocation, &binding.reprovisioning]
+        .into_iter()
+        .flatten()
+    {
+        PolicyRef::parse(reference).map_err(|why| invalid(format!("policyBinding: {why}")))?;
+    }
+    if let Some(tables) = &binding.lookup_tables {
+        if tables.len() > 16 {
+            return Err(invalid(
+                "policyBinding.lookupTables grants at most 16 tables",
+            ));
+        }
+        for table in tables {
+            check_policy_name(table)
+                .map_err(|why| invalid(format!("policyBinding.lookupTables: {why}")))?;
+        }
+    }
+    if let Some(config) = &binding.config {
+        if config.to_string().len() > 16 * 1024 {
+            return Err(invalid("policyBinding.config is larger than 16 KB"));
+        }
+    }
+    Ok(())
+}
+
 fn validate_custom_allocation(definition: &CustomAllocationDefinition) -> Result<(), ServiceError> {
+    if let Some(reference) = PolicyRef::from_webhook_url(&definition.webhook_url) {
+        reference
+            .map_err(|why| invalid(format!("customAllocationDefinition.webhookUrl: {why}")))?;
+    }
     let url = definition.webhook_url.as_str();
     let scheme_ok = ["https://", "http://", "wasm:"].iter().any(|scheme| {
         url.len() > scheme.len()

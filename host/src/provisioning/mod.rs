@@ -9,6 +9,7 @@
 //! on any node, then takes it over and finishes it.
 
 pub mod attest;
+pub mod custom;
 pub mod plan;
 mod throttle;
 
@@ -121,6 +122,7 @@ pub struct Provisioning {
     geo: GeoMap,
     throttle: Throttle,
     metrics: Arc<Metrics>,
+    custom: Arc<custom::Custom>,
 }
 
 fn new_operation_id() -> String {
@@ -148,6 +150,7 @@ impl Provisioning {
         id_scope: String,
         settings: ProvisioningSettings,
         metrics: Arc<Metrics>,
+        custom: Arc<custom::Custom>,
     ) -> Self {
         Self {
             store,
@@ -156,11 +159,17 @@ impl Provisioning {
             geo: settings.geo,
             throttle: Throttle::new(settings.registrations_per_minute),
             metrics,
+            custom,
         }
     }
 
     pub fn id_scope(&self) -> &str {
         &self.id_scope
+    }
+
+    /// Custom allocation (policies, webhooks), shared with the service API's policy routes.
+    pub fn custom(&self) -> &Arc<custom::Custom> {
+        &self.custom
     }
 
     /// Drops rate-limiter state of devices not seen lately and expired operations.
@@ -485,7 +494,49 @@ impl Provisioning {
             .into_iter()
             .map(|row| row.hub)
             .collect();
-        let input = plan::PlanInput {
+        let custom_request = || crate::allocation::custom::CustomRequest {
+            kind,
+            enrollment: crate::model::enrollment::redacted(&enrollment.document()),
+            registration_id: registration_id.clone(),
+            payload: request.payload.clone(),
+            current_hub: previous
+                .as_ref()
+                .filter(|p| p.state.status == "assigned")
+                .and_then(|p| p.state.assigned_hub.clone()),
+            current_device_id: previous
+                .as_ref()
+                .filter(|p| p.state.status == "assigned")
+                .and_then(|p| p.state.device_id.clone()),
+            protocol: request.protocol.as_str().to_owned(),
+            client_address: request.client.map(|c| c.to_string()),
+            linked_hubs: custom_candidates(&enrollment.record.doc, &linked),
+        };
+        let failed = |failure: crate::allocation::custom::CustomFailure| {
+            (
+                Some(request.clone()),
+                failure.error_code(),
+                failure.to_string(),
+            )
+        };
+        // Custom allocation runs on every registration, also under "never re-provision",
+        // so that new returned data reaches the device (seed, HOOK).
+        let custom_decision = if enrollment.record.doc.allocation_policy
+            == Some(crate::model::enrollment::AllocationPolicy::Custom)
+        {
+            Some(
+                self.custom
+                    .allocate(&enrollment.record.doc, custom_request())
+                    .await
+                    .map_err(failed)?,
+            )
+        } else {
+            None
+        };
+        let mut doc = enrollment.record.doc.clone();
+        let mut twin_override = custom_decision
+            .as_ref()
+            .and_then(|d| d.initial_twin.clone());
+        let base_input = plan::PlanInput {
             registration_id: &registration_id,
             kind,
             enrollment: &enrollment.record.doc,
@@ -493,9 +544,58 @@ impl Provisioning {
             linked: &linked,
             client_location: plan::client_location(&self.geo, request.client),
             legacy_api: plan::is_legacy_api_version(request.api_version.as_deref()),
+            custom: custom_decision.as_ref(),
         };
-        let decision = plan::plan(&input)
+        // A reprovisioning rule decides for a device that is already assigned.
+        if let Some(existing) = previous.as_ref().filter(|p| p.state.status == "assigned") {
+            if doc
+                .policy_binding
+                .as_ref()
+                .is_some_and(|b| b.reprovisioning.is_some())
+            {
+                let proposed = plan::allocate(&base_input)
+                    .map_err(|e| (Some(request.clone()), e.error_code(), e.to_string()))?;
+                let existing_wit = crate::policy::bindings::types::ExistingRegistration {
+                    hub: existing.state.assigned_hub.clone().unwrap_or_default(),
+                    device_id: existing.state.device_id.clone().unwrap_or_default(),
+                    substatus: existing.state.substatus.clone().unwrap_or_default(),
+                    assigned_at: existing
+                        .state
+                        .last_updated_date_time_utc
+                        .clone()
+                        .unwrap_or_default(),
+                };
+                if let Some((action, twin)) = self
+                    .custom
+                    .reprovision(&doc, existing_wit, &custom_request(), &proposed.name)
+                    .await
+                    .map_err(failed)?
+                {
+                    let (update, migrate) = match action {
+                        custom::RuleAction::Keep => (false, false),
+                        custom::RuleAction::Migrate => (true, true),
+                        custom::RuleAction::Reset => (true, false),
+                    };
+                    doc.reprovision_policy = Some(crate::model::enrollment::ReprovisionPolicy {
+                        update_hub_assignment: update,
+                        migrate_device_data: migrate,
+                    });
+                    if twin.is_some() {
+                        twin_override = twin;
+                    }
+                }
+            }
+        }
+        let input = plan::PlanInput {
+            enrollment: &doc,
+            ..base_input
+        };
+        let mut decision = plan::plan(&input)
             .map_err(|e| (Some(request.clone()), e.error_code(), e.to_string()))?;
+        // A returned twin overrides the enrollment's twin and its migration settings (seed).
+        if twin_override.is_some() {
+            decision.twin = plan::TwinAction::WriteInitial;
+        }
         let identity = DeviceIdentity {
             device_id: decision.device_id.clone(),
             primary_key: device_keys.primary_key.clone(),
@@ -506,7 +606,8 @@ impl Provisioning {
                 .capabilities
                 .is_some_and(|c| c.iot_edge),
         };
-        let initial_twin = managed_twin(enrollment.record.doc.initial_twin.as_ref());
+        let initial_twin = twin_override
+            .unwrap_or_else(|| managed_twin(enrollment.record.doc.initial_twin.as_ref()));
         self.apply(&decision, &identity, &initial_twin, &linked)
             .await
             .map_err(|(hub, error)| {
@@ -528,6 +629,7 @@ impl Provisioning {
             status: "assigned".to_owned(),
             substatus: Some(decision.substatus.to_owned()),
             last_updated_date_time_utc: Some(now),
+            payload: custom_decision.and_then(|d| d.payload),
             ..RegistrationState::default()
         };
         let record = RegistrationRecord {
@@ -587,6 +689,24 @@ impl Provisioning {
         }
         Ok(())
     }
+}
+
+/// The hubs a custom allocation may choose: the linked hubs the enrollment names, or every
+/// linked hub when it names none.
+fn custom_candidates(
+    enrollment: &crate::model::enrollment::Enrollment,
+    linked: &[crate::hubs::LinkedHub],
+) -> Vec<crate::hubs::LinkedHub> {
+    let named: Vec<&str> = match (&enrollment.iot_hubs, &enrollment.iot_hub_host_name) {
+        (Some(hubs), _) if !hubs.is_empty() => hubs.iter().map(String::as_str).collect(),
+        (_, Some(hub)) => vec![hub.as_str()],
+        _ => return linked.to_vec(),
+    };
+    linked
+        .iter()
+        .filter(|hub| named.iter().any(|n| n.eq_ignore_ascii_case(&hub.name)))
+        .cloned()
+        .collect()
 }
 
 /// One `DeviceOperations` log entry with the seed's fields (MON-06/07).

@@ -43,7 +43,7 @@ pub struct Plan {
 pub enum PlanError {
     #[error("no linked IoT hub is available to this enrollment: {0}")]
     NoHub(String),
-    #[error("custom allocation is not available yet in this version of Berth")]
+    #[error("custom allocation produced no decision")]
     CustomUnavailable,
 }
 
@@ -69,6 +69,8 @@ pub struct PlanInput<'a> {
     pub client_location: Option<&'a str>,
     /// The device speaks an api-version from before reprovisioning (≤ 2018-04-01).
     pub legacy_api: bool,
+    /// What custom allocation decided, for enrollments with `allocationPolicy: custom`.
+    pub custom: Option<&'a crate::allocation::custom::CustomDecision>,
 }
 
 fn find<'a>(linked: &'a [LinkedHub], name: &str) -> Option<&'a LinkedHub> {
@@ -101,7 +103,13 @@ pub fn allocate(input: &PlanInput<'_>) -> Result<LinkedHub, PlanError> {
             .ok_or_else(|| PlanError::NoHub(format!("the static hub '{name}' is not linked")));
     }
     if policy == AllocationPolicy::Custom {
-        return Err(PlanError::CustomUnavailable);
+        let decision = input.custom.ok_or(PlanError::CustomUnavailable)?;
+        return find(input.linked, &decision.hub).cloned().ok_or_else(|| {
+            PlanError::NoHub(format!(
+                "custom allocation chose '{}', which is not linked",
+                decision.hub
+            ))
+        });
     }
     // Only linked hubs the enrollment names (all linked hubs when it names none) that
     // take part in allocation policies.
@@ -139,9 +147,9 @@ pub fn allocate(input: &PlanInput<'_>) -> Result<LinkedHub, PlanError> {
 pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let device_id = match input.kind {
         EnrollmentKind::Individual => input
-            .enrollment
-            .device_id
-            .clone()
+            .custom
+            .and_then(|d| d.device_id.clone())
+            .or_else(|| input.enrollment.device_id.clone())
             .unwrap_or_else(|| input.registration_id.to_owned()),
         EnrollmentKind::Group => input.registration_id.to_owned(),
     };
@@ -276,6 +284,7 @@ mod tests {
             linked,
             client_location: None,
             legacy_api: false,
+            custom: None,
         }
     }
 

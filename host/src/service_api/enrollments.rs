@@ -70,6 +70,7 @@ pub(super) async fn put(
     call: &Call,
 ) -> Result<Reply, ServiceError> {
     let input: Enrollment = call.json()?;
+    super::policies::check_bindings(state, &input).await?;
     let linked = linked_hub_names(state).await?;
     let is_linked = |hub: &str| linked.contains(&hub.to_ascii_lowercase());
     let (row, _created) = state
@@ -208,7 +209,16 @@ pub(super) async fn bulk(
         let item = match parsed {
             Err(error) => Err(ServiceError::invalid(format!("invalid item: {error}"))),
             Ok(input) => {
-                if let Err(why) = crate::model::names::check_registration_id(kind.id_field(), &id) {
+                let bindings = if mode == "delete" {
+                    Ok(())
+                } else {
+                    super::policies::check_bindings(state, &input).await
+                };
+                if let Err(error) = bindings {
+                    Err(error)
+                } else if let Err(why) =
+                    crate::model::names::check_registration_id(kind.id_field(), &id)
+                {
                     Err(ServiceError::invalid(why))
                 } else if !seen.insert(id.to_ascii_lowercase()) {
                     Err(ServiceError::invalid(format!(

@@ -11,6 +11,7 @@ mod access_policies;
 pub mod auth;
 mod enrollments;
 mod hubs;
+pub mod policies;
 pub mod query;
 mod registrations;
 
@@ -110,6 +111,8 @@ pub(crate) struct Reply {
     status: StatusCode,
     body: Option<Value>,
     headers: Vec<(HeaderName, String)>,
+    /// A non-JSON body (policy downloads).
+    raw: Option<(&'static str, Vec<u8>)>,
 }
 
 impl Reply {
@@ -118,6 +121,7 @@ impl Reply {
             status,
             body: Some(body),
             headers: Vec::new(),
+            raw: None,
         }
     }
 
@@ -130,6 +134,16 @@ impl Reply {
             status: StatusCode::NO_CONTENT,
             body: None,
             headers: Vec::new(),
+            raw: None,
+        }
+    }
+
+    fn bytes(content_type: &'static str, bytes: Vec<u8>) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body: None,
+            headers: Vec::new(),
+            raw: Some((content_type, bytes)),
         }
     }
 
@@ -143,6 +157,7 @@ impl Reply {
 /// One parsed request, as the handlers see it.
 #[derive(Debug)]
 pub(crate) struct Call {
+    pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -203,6 +218,16 @@ enum Target {
     PolicyPut(String),
     PolicyDelete(String),
     PolicyRegenerate(String),
+    ModuleList,
+    ModuleShow(String),
+    ModuleUpload(String),
+    ModuleDownload(String),
+    ModuleDelete(String),
+    ModuleDryRun(String),
+    TableList,
+    TableShow(String),
+    TablePut(String),
+    TableDelete(String),
 }
 
 // Arms stay one per resource and method for readability, even where bodies repeat.
@@ -408,7 +433,102 @@ fn route(method: &Method, path: &str) -> Result<Operation, ServiceError> {
         }
         ("accesspolicies", 3, _) if last_is("regeneratekey") => Err(not_allowed()),
         ("accesspolicies", 1 | 2, _) => Err(not_allowed()),
+        ("policies", 1, _) if m == Method::GET => Ok(op(
+            "List",
+            "Policy",
+            None,
+            Right::ServiceConfig,
+            Target::ModuleList,
+        )),
+        ("policies", 2, Some(name)) if m == Method::GET => Ok(op(
+            "Get",
+            "Policy",
+            Some(name),
+            Right::ServiceConfig,
+            Target::ModuleShow(name.clone()),
+        )),
+        ("policies", 2, Some(name)) if m == Method::PUT => Ok(op(
+            "Upload",
+            "Policy",
+            Some(name),
+            Right::ServiceConfig,
+            Target::ModuleUpload(name.clone()),
+        )),
+        ("policies", 2, Some(name)) if m == Method::DELETE => Ok(op(
+            "Delete",
+            "Policy",
+            Some(name),
+            Right::ServiceConfig,
+            Target::ModuleDelete(name.clone()),
+        )),
+        ("policies", 3, Some(name)) if last_is("content") && m == Method::GET => Ok(op(
+            "Download",
+            "Policy",
+            Some(name),
+            Right::ServiceConfig,
+            Target::ModuleDownload(name.clone()),
+        )),
+        ("policies", 3, Some(name)) if last_is("dryrun") && m == Method::POST => Ok(op(
+            "DryRun",
+            "Policy",
+            Some(name),
+            Right::ServiceConfig,
+            Target::ModuleDryRun(name.clone()),
+        )),
+        ("policies", 1 | 2, _) => Err(not_allowed()),
+        ("policies", 3, _) if last_is("content") || last_is("dryrun") => Err(not_allowed()),
+        ("lookuptables", 1, _) if m == Method::GET => Ok(op(
+            "List",
+            "LookupTable",
+            None,
+            Right::ServiceConfig,
+            Target::TableList,
+        )),
+        ("lookuptables", 2, Some(name)) if m == Method::GET => Ok(op(
+            "Get",
+            "LookupTable",
+            Some(name),
+            Right::ServiceConfig,
+            Target::TableShow(name.clone()),
+        )),
+        ("lookuptables", 2, Some(name)) if m == Method::PUT => Ok(op(
+            "Upload",
+            "LookupTable",
+            Some(name),
+            Right::ServiceConfig,
+            Target::TablePut(name.clone()),
+        )),
+        ("lookuptables", 2, Some(name)) if m == Method::DELETE => Ok(op(
+            "Delete",
+            "LookupTable",
+            Some(name),
+            Right::ServiceConfig,
+            Target::TableDelete(name.clone()),
+        )),
+        ("lookuptables", 1 | 2, _) => Err(not_allowed()),
         _ => Err(not_found()),
+    }
+}
+
+/// Policy uploads are component bytes: `application/wasm` or `application/octet-stream`.
+fn check_binary_content_type(headers: &HeaderMap, body: &Bytes) -> Result<(), ServiceError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/wasm" || essence == "application/octet-stream" {
+        Ok(())
+    } else {
+        Err(ServiceError::UnsupportedMediaType(content_type.to_owned()))
     }
 }
 
@@ -432,15 +552,22 @@ pub(crate) fn check_content_type(headers: &HeaderMap, body: &Bytes) -> Result<()
 }
 
 pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ServiceError> {
+    read_body_limited(headers, body, MAX_BODY_BYTES).await
+}
+
+/// Reads a body of at most `limit` bytes (oversized ones are drained, then refused).
+pub(crate) async fn read_body_limited(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ServiceError> {
     use http_body_util::BodyExt as _;
-    let too_large = ServiceError::BodyTooLarge {
-        limit: MAX_BODY_BYTES,
-    };
+    let too_large = ServiceError::BodyTooLarge { limit };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+    if declared.is_some_and(|n| n > DRAIN_LIMIT.max(limit)) {
         return Err(too_large);
     }
     // An oversized body is read to its end (up to DRAIN_LIMIT, within DRAIN_TIME) and thrown
@@ -454,7 +581,7 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, 
             Ok(Some(Ok(frame))) => frame,
             Ok(None) => break,
             Ok(Some(Err(_))) | Err(_) => {
-                return Err(if total > MAX_BODY_BYTES {
+                return Err(if total > limit {
                     too_large
                 } else {
                     ServiceError::MalformedBody("the request body could not be read".to_owned())
@@ -463,14 +590,14 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, 
         };
         if let Ok(data) = frame.into_data() {
             total = total.saturating_add(data.len());
-            if total <= MAX_BODY_BYTES {
+            if total <= limit {
                 collected.extend_from_slice(&data);
-            } else if total > DRAIN_LIMIT {
+            } else if total > DRAIN_LIMIT.max(limit) {
                 break;
             }
         }
     }
-    if total > MAX_BODY_BYTES {
+    if total > limit {
         return Err(too_large);
     }
     Ok(collected.freeze())
@@ -523,7 +650,17 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
         Err(_) => ("Unknown", "Unknown", None),
     };
     let outcome = match operation {
-        Ok(operation) => serve(&state, operation, parts.headers, body, &path).await,
+        Ok(operation) => {
+            serve(
+                &state,
+                operation,
+                parts.headers,
+                body,
+                &path,
+                parts.uri.query().map(str::to_owned),
+            )
+            .await
+        }
         Err(error) => Err(error),
     };
 
@@ -573,6 +710,7 @@ async fn serve(
     headers: HeaderMap,
     body: Body,
     path: &str,
+    query: Option<String>,
 ) -> Result<Reply, ServiceError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -585,9 +723,28 @@ async fn serve(
             operation.right.name()
         )));
     }
-    let body = read_body(&headers, body).await?;
-    check_content_type(&headers, &body)?;
-    let call = Call { headers, body };
+    let body = match &operation.target {
+        Target::ModuleUpload(_) => {
+            let body = read_body_limited(&headers, body, policies::MAX_UPLOAD_BYTES).await?;
+            check_binary_content_type(&headers, &body)?;
+            body
+        }
+        Target::TablePut(_) => {
+            let body = read_body_limited(&headers, body, policies::MAX_TABLE_BYTES).await?;
+            check_content_type(&headers, &body)?;
+            body
+        }
+        _ => {
+            let body = read_body(&headers, body).await?;
+            check_content_type(&headers, &body)?;
+            body
+        }
+    };
+    let call = Call {
+        query,
+        headers,
+        body,
+    };
     match operation.target {
         Target::EnrollmentGet(kind, id) => enrollments::get(state, kind, &id).await,
         Target::EnrollmentPut(kind, id) => enrollments::put(state, kind, &id, &call).await,
@@ -608,6 +765,16 @@ async fn serve(
         Target::PolicyPut(name) => access_policies::put(state, &name, &call).await,
         Target::PolicyDelete(name) => access_policies::delete(state, &name, &call).await,
         Target::PolicyRegenerate(name) => access_policies::regenerate(state, &name, &call).await,
+        Target::ModuleList => policies::list(state).await,
+        Target::ModuleShow(name) => policies::show(state, &name).await,
+        Target::ModuleUpload(name) => policies::upload(state, &name, &call).await,
+        Target::ModuleDownload(name) => policies::download(state, &name, &call).await,
+        Target::ModuleDelete(name) => policies::delete(state, &name).await,
+        Target::ModuleDryRun(name) => policies::dry_run(state, &name, &call).await,
+        Target::TableList => policies::list_tables(state).await,
+        Target::TableShow(name) => policies::get_table(state, &name).await,
+        Target::TablePut(name) => policies::put_table(state, &name, &call).await,
+        Target::TableDelete(name) => policies::delete_table(state, &name).await,
     }
 }
 
@@ -616,9 +783,12 @@ async fn serve(
 fn respond(outcome: Result<Reply, ServiceError>, tracking_id: &str) -> Response {
     match outcome {
         Ok(reply) => {
-            let mut response = match reply.body {
-                Some(body) => (reply.status, axum::Json(body)).into_response(),
-                None => reply.status.into_response(),
+            let mut response = match (reply.body, reply.raw) {
+                (Some(body), _) => (reply.status, axum::Json(body)).into_response(),
+                (None, Some((content_type, bytes))) => {
+                    (reply.status, [(header::CONTENT_TYPE, content_type)], bytes).into_response()
+                }
+                (None, None) => reply.status.into_response(),
             };
             for (name, value) in reply.headers {
                 if let Ok(value) = HeaderValue::from_str(&value) {

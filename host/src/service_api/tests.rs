@@ -62,12 +62,28 @@ pub(super) async fn backends() -> Vec<Harness> {
             store.clone(),
             crate::hubs::azure::AzureDriver::new(None).unwrap(),
         );
+        let custom = Arc::new(crate::provisioning::custom::Custom::new(
+            store.clone(),
+            shared_policy_engine(),
+            crate::allocation::webhook::WebhookClient::new(
+                crate::allocation::webhook::WebhookSettings {
+                    attempts: 2,
+                    initial_interval: std::time::Duration::from_millis(10),
+                    interval_step: std::time::Duration::from_millis(10),
+                    timeout: std::time::Duration::from_secs(5),
+                },
+                None,
+            )
+            .unwrap(),
+            metrics.clone(),
+        ));
         let provisioning = Arc::new(crate::provisioning::Provisioning::new(
             store.clone(),
             drivers,
             ID_SCOPE.to_owned(),
             crate::provisioning::ProvisioningSettings::default(),
             metrics.clone(),
+            custom,
         ));
         let state = Arc::new(ServiceState {
             store,
@@ -82,6 +98,15 @@ pub(super) async fn backends() -> Vec<Harness> {
         });
     }
     out
+}
+
+/// One policy engine for every test of the process (an engine reserves its pool up front).
+pub(crate) fn shared_policy_engine() -> Arc<crate::policy::PolicyEngine> {
+    static ENGINE: std::sync::OnceLock<Arc<crate::policy::PolicyEngine>> =
+        std::sync::OnceLock::new();
+    ENGINE
+        .get_or_init(|| crate::policy::PolicyEngine::new(None).unwrap())
+        .clone()
 }
 
 /// Creates a new database next to the one `base` names and returns its URL.

@@ -32,6 +32,12 @@ pub struct AssignmentLabels {
     pub iot_hub_name: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+    pub outcome: String,
+}
+
 /// Every series Berth exports, registered once per process.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +46,9 @@ pub struct Metrics {
     pub attestation_attempts: Family<AttestationLabels, Counter>,
     pub registration_attempts: Family<RegistrationLabels, Counter>,
     pub device_assignments: Family<AssignmentLabels, Counter>,
+    /// Policy calls by policy version and outcome (ok, refused, error).
+    pub policy_calls: Family<PolicyLabels, Counter>,
+    pub policy_call_seconds: Family<PolicyLabels, Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -59,6 +68,10 @@ impl Default for Metrics {
         let attestation_attempts = Family::<AttestationLabels, Counter>::default();
         let registration_attempts = Family::<RegistrationLabels, Counter>::default();
         let device_assignments = Family::<AssignmentLabels, Counter>::default();
+        let policy_calls = Family::<PolicyLabels, Counter>::default();
+        let policy_call_seconds = Family::<PolicyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_005, 2.0, 20))
+        });
         registry.register(
             "service_operations",
             "Service API operations by result (ServiceOperations)",
@@ -84,6 +97,16 @@ impl Default for Metrics {
             "Devices assigned to a hub (DeviceAssignments)",
             device_assignments.clone(),
         );
+        registry.register(
+            "policy_calls",
+            "WebAssembly policy calls by outcome",
+            policy_calls.clone(),
+        );
+        registry.register(
+            "policy_call_duration_seconds",
+            "WebAssembly policy call wall time",
+            policy_call_seconds.clone(),
+        );
         Self {
             registry,
             service_operations,
@@ -91,6 +114,8 @@ impl Default for Metrics {
             attestation_attempts,
             registration_attempts,
             device_assignments,
+            policy_calls,
+            policy_call_seconds,
         }
     }
 }
