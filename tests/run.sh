@@ -11,7 +11,8 @@
 #   2. PostgreSQL: a throwaway cluster on 127.0.0.1 (trust auth, temp dir, removed on exit);
 #      exports BERTH_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/berth_test.
 #   3. Python venv tests/conformance/.venv with tests/conformance/requirements.txt.
-#   4. cargo build -p berth, cargo nextest run --workspace (Rust tests also use PostgreSQL),
+#   4. WebAssembly components (tests/policies, policies), the policies' own tests,
+#      cargo build -p berth, cargo nextest run --workspace (Rust tests also use PostgreSQL),
 #      cargo fmt --check and cargo clippy -D warnings.
 #   5. Conformance suite (official Azure DPS service SDK) against `berth serve`, twice:
 #      BERTH_CONFORMANCE_DB=sqlite and BERTH_CONFORMANCE_DB=postgres.
@@ -206,6 +207,16 @@ BUILD_OK=1
 if [[ ${BERTH_SKIP_CARGO:-0} != 1 ]]; then
   LOCKED=()
   if [[ -f Cargo.lock ]]; then LOCKED=(--locked); fi
+  section "WebAssembly components (wasm32-wasip2): test policies and example policies"
+  if bash tests/policies/build.sh && { [[ ! -f policies/build.sh ]] || bash policies/build.sh; }; then
+    record "wasm components" ok
+  else
+    record "wasm components" FAILED
+  fi
+  if [[ -f policies/Cargo.toml ]]; then
+    section "example policies: native unit tests"
+    if (cd policies && cargo test --quiet); then record "policy unit tests" ok; else record "policy unit tests" FAILED; fi
+  fi
   section "cargo build ${LOCKED[*]} -p berth"
   if cargo build "${LOCKED[@]}" -p berth; then record "cargo build" ok; else
     record "cargo build" FAILED

@@ -879,3 +879,6 @@ mod tests;
 
 #[cfg(test)]
 mod device_tests;
+
+#[cfg(test)]
+mod policy_tests;
