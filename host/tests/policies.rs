@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod fake_webhook;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +71,12 @@ async fn world() -> World_ {
         store.clone(),
         engine.clone(),
         berth::allocation::webhook::WebhookClient::new(
-            berth::allocation::webhook::WebhookSettings::default(),
+            berth::allocation::webhook::WebhookSettings {
+                timeout: Duration::from_secs(5),
+                attempts: 3,
+                initial_interval: Duration::from_millis(20),
+                interval_step: Duration::from_millis(20),
+            },
             None,
         )
         .unwrap(),
@@ -267,4 +274,84 @@ async fn compiled_artifacts_are_cached_across_engines() {
     let second = PolicyEngine::new(Some(dir.path().to_path_buf())).unwrap();
     let prepared = second.prepare(&hash, b"not the module").unwrap();
     assert_eq!(prepared.world(), World::AllocationPolicy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_enrollment_follows_the_seeds_error_table() {
+    use fake_webhook::{FakeWebhook, Reply};
+    let w = world().await;
+    let twin = json!({"tags": {"from": "webhook"}, "properties": {"desired": {"interval": 5}}});
+    let hook = FakeWebhook::start(vec![
+        Reply::json(200, &json!({"iotHubHostName": "hub-b.example.net", "initialTwin": twin, "payload": {"hello": "device"}})),
+        Reply::json(200, &json!({"iotHubHostName": ""})),
+        Reply::status(401),
+        Reply::status(404),
+        Reply::status(503),
+        Reply::json(200, &json!({"iotHubHostName": "hub-a.example.net"})),
+        Reply::json(200, &json!({"iotHubHostName": "elsewhere.example.net"})),
+    ])
+    .await;
+    let key = w
+        .enroll_group(
+            "webhook-devices",
+            json!({"attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom",
+                   "iotHubs": ["hub-a.example.net", "hub-b.example.net"],
+                   "customAllocationDefinition": {"webhookUrl": format!("{}?code=secret", hook.url()), "apiVersion": "2021-10-01"}}),
+        )
+        .await;
+    let assigned = w
+        .register("hooked-1", &key, Some(json!({"model": "t1"})))
+        .await;
+    assert_eq!(assigned.status, "assigned", "{assigned:?}");
+    assert_eq!(
+        assigned.registration_state.assigned_hub.as_deref(),
+        Some("hub-b.example.net")
+    );
+    assert_eq!(
+        assigned.registration_state.payload,
+        Some(json!({"hello": "device"}))
+    );
+    let device = w
+        .store
+        .hub_device("hub-b.example.net", "hooked-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        device.twin, twin,
+        "the webhook's twin replaces the enrollment's"
+    );
+    let sent = hook.received();
+    assert_eq!(
+        sent[0].body.as_ref().unwrap()["deviceRuntimeContext"]["payload"],
+        json!({"model": "t1"})
+    );
+    assert_eq!(
+        sent[0].body.as_ref().unwrap()["linkedHubs"],
+        json!(["hub-a.example.net", "hub-b.example.net"])
+    );
+    for (id, code, message) in [
+        ("hooked-2", 400_208, "no IoT hub"),
+        ("hooked-3", 400_209, "status code: 401"),
+        ("hooked-4", 400_207, "status code: 404"),
+    ] {
+        let done = w.register(id, &key, None).await;
+        assert_eq!(done.status, "failed", "{id}");
+        assert_eq!(
+            done.registration_state.error_code,
+            Some(code),
+            "{id}: {done:?}"
+        );
+        assert!(
+            done.registration_state
+                .error_message
+                .unwrap()
+                .contains(message),
+            "{id}"
+        );
+    }
+    let retried = w.register("hooked-5", &key, None).await;
+    assert_eq!(retried.status, "assigned", "a 503 is retried: {retried:?}");
+    let unlinked = w.register("hooked-6", &key, None).await;
+    assert_eq!(unlinked.registration_state.error_code, Some(400_207));
 }

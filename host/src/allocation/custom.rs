@@ -22,9 +22,9 @@ pub struct CustomDecision {
 pub enum CustomFailure {
     #[error("the custom allocation named no IoT hub")]
     HubNotSpecified,
-    #[error("custom allocation refused the device: {0}")]
+    #[error("{0}")]
     Unauthorized(String),
-    #[error("custom allocation failed: {0}")]
+    #[error("{0}")]
     Failed(String),
 }
 

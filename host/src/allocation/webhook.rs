@@ -21,6 +21,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use reqwest::header::CONTENT_TYPE;
 use reqwest::{StatusCode, Url};
 use serde_json::{json, Map, Value};
@@ -131,27 +132,42 @@ impl WebhookClient {
     ) -> Result<CustomDecision, CustomFailure> {
         let shown_url = masked_url(url);
         let target = parse_webhook_url(url, &shown_url)?;
-        let body = serde_json::to_vec(&allocation_request(request)?).map_err(|e| {
-            CustomFailure::Failed(format!(
-                "Custom allocation failed: cannot encode the allocation request: {e}"
-            ))
-        })?;
+        let body = serde_json::to_vec(&allocation_request(request)?)
+            .map(Bytes::from)
+            .map_err(|e| {
+                CustomFailure::Failed(format!(
+                    "Custom allocation failed: cannot encode the allocation request: {e}"
+                ))
+            })?;
         let key = url.split_once('?').map(|(_, query)| query);
         let attempts = self.settings.attempts.max(1);
         let mut attempt = 1;
         loop {
-            let outcome = self.attempt(target.clone(), &body, key).await;
+            let outcome = self.attempt(target.clone(), body.clone(), key).await;
             let transient = match outcome {
                 Attempt::Answer { status, body } => {
-                    tracing::info!(
-                        url = %shown_url,
-                        registration_id = %request.registration_id,
-                        api_version,
-                        attempt,
-                        status = status.as_u16(),
-                        "allocation webhook answered"
-                    );
-                    return interpret(status, &body, request);
+                    let decision = interpret(status, &body, request);
+                    match &decision {
+                        Ok(decision) => tracing::info!(
+                            url = %shown_url,
+                            registration_id = %request.registration_id,
+                            api_version,
+                            attempt,
+                            status = status.as_u16(),
+                            hub = %decision.hub,
+                            "allocation webhook assigned a hub"
+                        ),
+                        Err(failure) => tracing::warn!(
+                            url = %shown_url,
+                            registration_id = %request.registration_id,
+                            api_version,
+                            attempt,
+                            status = status.as_u16(),
+                            error = %failure,
+                            "allocation webhook gave no usable hub"
+                        ),
+                    }
+                    return decision;
                 }
                 Attempt::Fatal(message) => {
                     tracing::warn!(
@@ -176,29 +192,29 @@ impl WebhookClient {
                 );
                 return Err(CustomFailure::Failed(transient.message()));
             }
-            attempt += 1;
-            let wait = self.settings.delay_before(attempt);
+            let wait = self.settings.delay_before(attempt + 1);
             tracing::warn!(
                 url = %shown_url,
                 registration_id = %request.registration_id,
-                attempt = attempt - 1,
+                attempt,
                 status = transient.status(),
                 error = %transient.message(),
                 retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                 "allocation webhook call failed; retrying"
             );
             tokio::time::sleep(wait).await;
+            attempt += 1;
         }
     }
 
     /// One try: the POST, and for a success the answer read within [`MAX_RESPONSE_BYTES`].
     /// `key` is the URL's query, scrubbed from any error text that might quote it.
-    async fn attempt(&self, url: Url, body: &[u8], key: Option<&str>) -> Attempt {
+    async fn attempt(&self, url: Url, body: Bytes, key: Option<&str>) -> Attempt {
         let sent = self
             .http
             .post(url)
             .header(CONTENT_TYPE, REQUEST_CONTENT_TYPE)
-            .body(body.to_vec())
+            .body(body)
             .send()
             .await;
         let mut response = match sent {
@@ -265,8 +281,8 @@ impl WebhookClient {
         let error = error.without_url();
         let text = if error.is_timeout() {
             format!(
-                "the webhook did not answer within {} ms",
-                self.settings.timeout.as_millis()
+                "the webhook did not answer within {}",
+                shown_duration(self.settings.timeout)
             )
         } else {
             format!("cannot reach the webhook: {}", error_chain(&error))
@@ -310,6 +326,15 @@ impl Transient {
             Self::Status(status) => status_failure(*status),
             Self::Unreachable(description) => format!("Custom allocation failed: {description}"),
         }
+    }
+}
+
+/// `30 s`, or `200 ms` when not whole seconds.
+fn shown_duration(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{} s", duration.as_secs())
+    } else {
+        format!("{} ms", duration.as_millis())
     }
 }
 
