@@ -215,7 +215,11 @@ if [[ ${BERTH_SKIP_CARGO:-0} != 1 ]]; then
   fi
   if [[ -f policies/Cargo.toml ]]; then
     section "example policies: native unit tests"
-    if (cd policies && cargo test --quiet); then record "policy unit tests" ok; else record "policy unit tests" FAILED; fi
+    if (cd policies && cargo test --quiet && cargo clippy --quiet --all-targets -- -D warnings && cargo fmt --check); then
+      record "policy unit tests + clippy" ok
+    else
+      record "policy unit tests + clippy" FAILED
+    fi
   fi
   section "cargo build ${LOCKED[*]} -p berth"
   if cargo build "${LOCKED[@]}" -p berth; then record "cargo build" ok; else

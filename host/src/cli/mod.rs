@@ -262,7 +262,7 @@ pub enum PolicyAction {
         #[arg(long)]
         request: PathBuf,
         /// The binding's configuration (JSON text, or @FILE).
-        #[arg(long)]
+        #[arg(long = "policy-config", id = "policy_config")]
         config: Option<String>,
         /// A lookup table: NAME=FILE.json (repeatable).
         #[arg(long = "table")]
