@@ -1157,6 +1157,7 @@ async fn policy_test(
     }
     limits.validate().map_err(CliError::Usage)?;
     let (wit, size) = doc.to_wit().map_err(CliError::Usage)?;
+    let hubs: Vec<String> = doc.linked_hubs.iter().map(|h| h.name.clone()).collect();
     let label = file
         .file_name()
         .map_or_else(|| "policy".to_owned(), |n| n.to_string_lossy().into_owned());
@@ -1178,7 +1179,7 @@ async fn policy_test(
         };
         let (outcome, report) = engine.allocate(&prepared, &wit, size, &context);
         Ok(crate::service_api::policies::dry_run_body(
-            &label, outcome, &report,
+            &label, outcome, &report, &hubs,
         ))
     })
     .await

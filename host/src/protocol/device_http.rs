@@ -34,12 +34,14 @@ pub enum DeviceRoute {
 }
 
 /// First path segments that belong to the service API, never to an ID scope.
-const SERVICE_ROOTS: [&str; 5] = [
+const SERVICE_ROOTS: [&str; 7] = [
     "enrollments",
     "enrollmentgroups",
     "registrations",
     "linkedhubs",
     "accesspolicies",
+    "policies",
+    "lookuptables",
 ];
 
 /// Recognizes `/{idScope}/registrations/{id}[/register | /operations/{operationId}]`.

@@ -242,7 +242,18 @@ pub(super) async fn dry_run(
         tokio::task::spawn_blocking(move || engine.allocate(&prepared, &wit, size, &context))
             .await
             .map_err(|e| ServiceError::Internal(format!("the policy host stopped: {e}")))?;
-    Ok(Reply::ok(dry_run_body(&loaded.label, outcome, &report)))
+    let hubs: Vec<String> = dry
+        .request
+        .linked_hubs
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    Ok(Reply::ok(dry_run_body(
+        &loaded.label,
+        outcome,
+        &report,
+        &hubs,
+    )))
 }
 
 /// The dry-run answer, shared with `berth policy test`.
@@ -256,8 +267,19 @@ pub fn dry_run_body(
         crate::policy::PolicyError,
     >,
     report: &crate::policy::CallReport,
+    linked_hubs: &[String],
 ) -> Value {
-    let decision = match crate::provisioning::custom::interpret(label, outcome) {
+    // As in a registration, the hub must be one of the offered linked hubs.
+    let checked = crate::provisioning::custom::interpret(label, outcome).and_then(|decision| {
+        match linked_hubs.iter().find(|hub| hub.eq_ignore_ascii_case(&decision.hub)) {
+            Some(hub) => Ok(crate::allocation::custom::CustomDecision { hub: hub.clone(), ..decision }),
+            None => Err(crate::allocation::custom::CustomFailure::Failed(format!(
+                "custom allocation chose hub '{}', which is not one of the enrollment's linked hubs",
+                decision.hub
+            ))),
+        }
+    });
+    let decision = match checked {
         Ok(decision) => json!({
             "status": "assigned",
             "iotHubHostName": decision.hub,
