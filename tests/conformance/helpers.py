@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from azure.core.exceptions import HttpResponseError
@@ -438,3 +439,201 @@ def sdk_disabled_error_message() -> str:
     """What azure-iot-device 2.x raises (as the __cause__ of ClientError) for status "disabled":
     it only knows assigning/assigned/failed."""
     return "Query Status Operation encountered an invalid registration status disabled with a status code of 200"
+
+
+# --------------------------------------------------------------------------------------------
+# WebAssembly policies: components, upload, lookup tables, dry runs, custom-allocation groups
+# --------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Where `policies/build.sh` and `tests/policies/build.sh` put the components, then where cargo
+# itself leaves them (dashes become underscores there), for a tree built without build.sh.
+_COMPONENT_DIRS = (
+    (REPO_ROOT / "policies" / "dist", False),
+    (REPO_ROOT / "tests" / "policies" / "dist", False),
+    (REPO_ROOT / "policies" / "target" / "wasm32-wasip2" / "release", True),
+)
+
+
+def policy_component(name: str) -> bytes:
+    """The bytes of the prebuilt component `name` (an example policy or a test policy)."""
+    tried = []
+    for folder, underscored in _COMPONENT_DIRS:
+        path = folder / f"{name.replace('-', '_') if underscored else name}.wasm"
+        tried.append(str(path))
+        if path.is_file():
+            return path.read_bytes()
+    raise AssertionError(
+        f"component {name!r} not found (tried {', '.join(tried)}); build it with "
+        "`bash policies/build.sh` / `bash tests/policies/build.sh` (tests/run.sh does)"
+    )
+
+
+def upload_policy(client, name: str, component: bytes, **limits):
+    """PUT /policies/{name} with the component's bytes (Content-Type: application/wasm) and the
+    limits as query parameters (timeoutMs=…, memoryBytes=…). Returns the raw response."""
+    return raw(
+        client,
+        "PUT",
+        f"/policies/{name}",
+        content=component,
+        headers={"Content-Type": "application/wasm"},
+        params={key: str(value) for key, value in limits.items()},
+    )
+
+
+def put_lookup_table(client, name: str, table: dict) -> dict:
+    r = raw(client, "PUT", f"/lookupTables/{name}", json_body=table)
+    assert r.status_code == 200, f"PUT /lookupTables/{name}: {r.status_code} {r.text()!r}"
+    return r.json()
+
+
+def dry_run(client, name: str, body: dict) -> dict:
+    """POST /policies/{name}/dryRun; returns {decision, logs, wallTimeMicros, memoryBytes, …}."""
+    r = raw(client, "POST", f"/policies/{name}/dryRun", json_body=body)
+    assert r.status_code == 200, f"dry run of {name}: {r.status_code} {r.text()!r}"
+    return r.json()
+
+
+def custom_group(group_id: str, *, hubs: list, primary: str, secondary: str, webhook_url: Optional[str] = None,
+                 binding: Optional[dict] = None, initial_twin: Optional[dict] = None) -> dict:
+    """A symmetric-key enrollment group with `allocationPolicy: custom`, bound to a policy through
+    `customAllocationDefinition.webhookUrl` (`wasm:NAME`), `policyBinding`, or both."""
+    body = symmetric_key_group(group_id, hubs=hubs, primary=primary, secondary=secondary, allocation="custom")
+    if webhook_url is not None:
+        body["customAllocationDefinition"] = {"webhookUrl": webhook_url, "apiVersion": API_VERSION}
+    if binding is not None:
+        body["policyBinding"] = binding
+    if initial_twin is not None:
+        body["initialTwin"] = initial_twin
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# Device registration over HTTPS with `requests` (no SDK): register, then poll to the end
+# --------------------------------------------------------------------------------------------
+
+
+def https_register_and_wait(server, registration_id: str, key: str, *, payload: Any = _UNSET,
+                            limit: float = 20) -> dict:
+    """PUT /{idScope}/registrations/{id}/register (202 expected), then poll the operation until
+    it leaves "assigning" (first polls after 0.2, 0.3, 0.5 s, then as `retry-after` says, so
+    the per-registration poll budget of 5 in 10 s is kept). Returns the final 200 body."""
+    import requests
+
+    token = device_sas_token(server.id_scope, registration_id, key)
+    headers = {"Content-Type": "application/json; charset=utf-8", "Accept": "application/json",
+               "Authorization": token}
+    params = {"api-version": DEVICE_API_VERSION}
+    body: dict = {"registrationId": registration_id}
+    if payload is not _UNSET:
+        body["payload"] = payload
+    base = f"{server.base_url}/{server.id_scope}/registrations/{registration_id}"
+    r = requests.put(f"{base}/register", params=params, headers=headers, data=json.dumps(body).encode(),
+                     verify=str(server.ca_path), timeout=15)
+    assert r.status_code == 202, f"register {registration_id}: {r.status_code} {r.text!r}"
+    operation_id = r.json()["operationId"]
+    deadline = time.monotonic() + limit
+    waits = iter((0.2, 0.3, 0.5))
+    while True:
+        time.sleep(next(waits, None) or int(r.headers.get("retry-after", "2")))
+        r = requests.get(f"{base}/operations/{operation_id}", params=params, headers=headers,
+                         verify=str(server.ca_path), timeout=15)
+        if r.status_code == 200:
+            return r.json()
+        assert r.status_code == 202, f"poll {registration_id}: {r.status_code} {r.text!r}"
+        assert time.monotonic() < deadline, f"{registration_id} still assigning after {limit}s"
+
+
+# --------------------------------------------------------------------------------------------
+# The official device SDK, recording what reached the device
+# --------------------------------------------------------------------------------------------
+
+# azure-iot-device 2.14 logs every DPS response it receives over MQTT at DEBUG level, as
+# "Received payload:b'…' on topic:$dps/registrations/res/{status}/?$rid=…". That is the only
+# place the SDK keeps a failed registration's errorCode and errorMessage: register() raises
+# ClientError("Unexpected failure") caused by ServiceError("Query Status operation returned a
+# failed registration status with a status code of 200"), and the RegistrationResult the SDK
+# built is dropped.
+_SDK_MQTT_LOGGER = "azure.iot.device.provisioning.pipeline.pipeline_stages_provisioning_mqtt"
+_SDK_RESPONSE = re.compile(r"^Received payload:(?P<payload>b(?P<q>['\"]).*(?P=q)) on topic:\$dps/registrations/res/"
+                           r"(?P<status>\d{3})/", re.S)
+
+SDK_FAILED_STATUS_MESSAGE = (
+    "Query Status operation returned a failed registration status with a status code of 200"
+)
+
+
+@dataclass
+class SdkOutcome:
+    """One SDK registration: what register() returned or raised, and every DPS response body
+    the device received over MQTT for this registration ID, as (status, body)."""
+
+    registration_id: str
+    result: Any = None
+    error: Optional[BaseException] = None
+    responses: list = None
+
+    @property
+    def final(self) -> dict:
+        """The last response the device received that is not "assigning"."""
+        done = [body for _, body in self.responses or [] if body.get("status") != "assigning"]
+        assert done, f"{self.registration_id}: the device received no final response: {self.responses!r}"
+        return done[-1]
+
+
+def sdk_register_recording(server, devices: list, *, websockets: bool = False) -> dict:
+    """Register several devices concurrently with the official SDK (MQTT by default) and record
+    what each one received. `devices`: (registration_id, key, payload or None). Returns
+    {registration_id: SdkOutcome}; registration failures are recorded, not raised (a timeout
+    still fails the test)."""
+    import ast
+    import logging
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    received: dict = {reg_id: [] for reg_id, _, _ in devices}
+    lock = threading.Lock()
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            m = _SDK_RESPONSE.match(record.getMessage())
+            if not m:
+                return
+            try:
+                body = json.loads(ast.literal_eval(m.group("payload")).decode("utf-8"))
+            except (ValueError, SyntaxError, UnicodeDecodeError):
+                return
+            reg_id = (body.get("registrationState") or {}).get("registrationId") if isinstance(body, dict) else None
+            with lock:
+                if reg_id in received:
+                    received[reg_id].append((int(m.group("status")), body))
+
+    logger = logging.getLogger(_SDK_MQTT_LOGGER)
+    recorder = Recorder(level=logging.DEBUG)
+    previous_level = logger.level
+    logger.addHandler(recorder)
+    logger.setLevel(logging.DEBUG)
+
+    def one(reg_id: str, key: str, payload: Any) -> SdkOutcome:
+        outcome = SdkOutcome(reg_id)
+        try:
+            kwargs = {} if payload is None else {"payload": payload}
+            outcome.result = sdk_register(server, reg_id, key, websockets=websockets, **kwargs)
+        except AssertionError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test to assert on
+            outcome.error = exc
+        return outcome
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+            futures = {reg_id: pool.submit(one, reg_id, key, payload) for reg_id, key, payload in devices}
+            outcomes = {reg_id: future.result() for reg_id, future in futures.items()}
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(previous_level)
+    for reg_id, outcome in outcomes.items():
+        outcome.responses = list(received[reg_id])
+    return outcomes

@@ -296,6 +296,9 @@ impl Custom {
             tokio::task::spawn_blocking(move || engine.decide(&prepared, &rule_request, &context))
                 .await
                 .map_err(|e| failed(format!("the policy host stopped: {e}")))?;
+        for line in &report.logs {
+            tracing::info!(target: "berth::policy", policy = loaded.label.as_str(), level = line.level, message = line.message.as_str(), "policy log");
+        }
         let label = loaded.label.clone();
         let result = match outcome {
             Err(error) => Err(failed(format!("policy {label}: {error}"))),
@@ -316,7 +319,16 @@ impl Custom {
                 Ok(Some((action, twin)))
             }
         };
-        self.record(&label, if result.is_ok() { "ok" } else { "error" }, &report);
+        let outcome_label = match &result {
+            Ok(_) => "ok",
+            Err(CustomFailure::Failed(message))
+                if message.contains("refused the re-registration") =>
+            {
+                "refused"
+            }
+            Err(_) => "error",
+        };
+        self.record(&label, outcome_label, &report);
         result
     }
 }
