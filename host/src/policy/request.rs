@@ -209,7 +209,48 @@ impl RequestDoc {
             .as_ref()
             .filter(|v| !v.is_null())
             .map(Value::to_string);
-        let size = serde_json::to_vec(self).map_or(0, |bytes| bytes.len());
+        // The input limit counts the text the policy receives; summing the strings avoids
+        // serializing the request once more on every call.
+        let hubs_size: usize = self
+            .linked_hubs
+            .iter()
+            .map(|h| h.name.len() + h.location.as_ref().map_or(0, String::len) + 16)
+            .sum();
+        let size = self.enrollment.id.len()
+            + self.enrollment.device_id.as_ref().map_or(0, String::len)
+            + self
+                .enrollment
+                .iot_hubs
+                .iter()
+                .map(String::len)
+                .sum::<usize>()
+            + twin.as_ref().map_or(0, String::len)
+            + self.device.registration_id.len()
+            + payload.as_ref().map_or(0, String::len)
+            + self.device.current_hub.as_ref().map_or(0, String::len)
+            + self
+                .device
+                .current_device_id
+                .as_ref()
+                .map_or(0, String::len)
+            + self.device.protocol.len()
+            + self.device.client_address.as_ref().map_or(0, String::len)
+            + self
+                .device
+                .attestation
+                .endorsement_key
+                .as_ref()
+                .map_or(0, String::len)
+            + self.device.attestation.certificate.as_ref().map_or(0, |c| {
+                c.subject_name.len()
+                    + c.issuer_name.len()
+                    + c.subject_alternative_names
+                        .iter()
+                        .map(String::len)
+                        .sum::<usize>()
+                    + 256
+            })
+            + hubs_size;
         let request = wit::AllocationRequest {
             enrollment: wit::Enrollment {
                 kind,
