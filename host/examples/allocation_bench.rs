@@ -176,6 +176,26 @@ async fn main() {
         cpu_micros() - cpu,
     ));
 
+    if std::env::var_os("BERTH_BENCH_PARTS").is_some() {
+        let started = Instant::now();
+        for i in 0..calls {
+            std::hint::black_box(RequestDoc::from_custom(&request(i)).to_wit().unwrap());
+        }
+        println!(
+            "request conversion: {:.1} µs per call",
+            started.elapsed().as_secs_f64() * 1e6 / calls as f64
+        );
+        let (wit, size) = RequestDoc::from_custom(&request(0)).to_wit().unwrap();
+        let started = Instant::now();
+        for _ in 0..calls {
+            let _ = std::hint::black_box(engine.allocate(&prepared, &wit, size, &context));
+        }
+        println!(
+            "policy call alone: {:.1} µs per call",
+            started.elapsed().as_secs_f64() * 1e6 / calls as f64
+        );
+    }
+
     // Webhook on loopback, kept-alive connection; its server runs in this process, so its
     // CPU counts too (a real Azure Function costs more).
     let url = webhook_server().await;

@@ -333,6 +333,10 @@ impl PolicyEngine {
         config.memory_reservation(MAX_MEMORY_BYTES);
         config.memory_guard_size(64 << 10);
         config.memory_reservation_for_growth(0);
+        // Policies have small data segments: copying them into a slot kept resident beats
+        // mapping a copy-on-write image and faulting its pages in (measured in
+        // docs/benchmarks.md).
+        config.memory_init_cow(false);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(256)
             .total_core_instances(1024)
@@ -341,7 +345,11 @@ impl PolicyEngine {
             .max_memories_per_component(4)
             .max_tables_per_component(16)
             .max_memory_size(usize::try_from(MAX_MEMORY_BYTES).unwrap_or(usize::MAX))
-            .table_elements(100_000);
+            .table_elements(100_000)
+            // Keep the first pages of a slot resident between instances: a Rust policy
+            // touches about a megabyte, and zeroing it is cheaper than faulting it back in.
+            .linear_memory_keep_resident(2 << 20)
+            .table_keep_resident(64 << 10);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(host)?;
         let mut linker = Linker::<HostState>::new(&engine);
