@@ -584,37 +584,7 @@ pub fn masked_url(url: &str) -> String {
     shown
 }
 
-/// A reqwest error with its causes, which carry the useful part (refused, TLS, reset).
-fn error_chain(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
-}
-
-/// True when TLS itself refused the webhook (certificate, protocol), not the network.
-fn is_tls_refusal(error: &reqwest::Error) -> bool {
-    /// rustls errors reach reqwest wrapped in `io::Error`s, whose `source` skips the wrapped
-    /// error, so each `io::Error` is opened with `get_ref`.
-    fn holds_rustls_error(cause: &(dyn std::error::Error + 'static)) -> bool {
-        if cause.is::<rustls::Error>() {
-            return true;
-        }
-        if let Some(inner) = cause
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref)
-        {
-            if holds_rustls_error(inner) {
-                return true;
-            }
-        }
-        cause.source().is_some_and(holds_rustls_error)
-    }
-    std::error::Error::source(error).is_some_and(holds_rustls_error)
-}
+use crate::hubs::azure::{error_chain, is_tls_refusal};
 
 #[cfg(test)]
 mod tests {

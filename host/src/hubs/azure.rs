@@ -524,7 +524,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// A reqwest error with its causes, which carry the useful part (refused, TLS, timeout).
-fn error_chain(error: &reqwest::Error) -> String {
+/// Shared with the webhook client.
+pub(crate) fn error_chain(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
@@ -534,8 +535,9 @@ fn error_chain(error: &reqwest::Error) -> String {
     text
 }
 
-/// True when TLS itself refused the hub (certificate, protocol), not the network.
-fn is_tls_refusal(error: &reqwest::Error) -> bool {
+/// True when TLS itself refused the peer (certificate, protocol), not the network.
+/// Shared with the webhook client.
+pub(crate) fn is_tls_refusal(error: &reqwest::Error) -> bool {
     /// rustls errors reach reqwest wrapped in `io::Error`s, whose `source` skips the wrapped
     /// error, so each `io::Error` is opened with `get_ref`.
     fn holds_rustls_error(cause: &(dyn std::error::Error + 'static)) -> bool {
