@@ -1,6 +1,7 @@
 //! Built-in allocation policies (seed ALLOC-01..17): pure functions from a device and a set of
-//! candidate hubs to one hub. Custom allocation (WebAssembly policies, webhooks) comes with
-//! the policy issue.
+//! candidate hubs to one hub. Custom allocation lives beside them: `custom` (its decision and
+//! failures) and `webhook` (the Azure-compatible webhook client); WebAssembly policies run in
+//! `crate::policy`.
 //!
 //! - **hashed** ("evenly weighted distribution"): weighted rendezvous hashing of the
 //!   registration ID. Each hub scores `-ln(u) / weight` with `u` a hash of (registration ID,

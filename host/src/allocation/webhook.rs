@@ -27,6 +27,7 @@ use reqwest::{StatusCode, Url};
 use serde_json::{json, Map, Value};
 
 use super::custom::{CustomDecision, CustomFailure, CustomRequest};
+use crate::hubs::azure::{error_chain, is_tls_refusal};
 use crate::model::enrollment::{redacted, AttestationType, EnrollmentKind};
 
 /// Largest webhook answer read. An `AllocationResponse` is a hub name, a twin (IoT Hub caps tags
@@ -583,8 +584,6 @@ pub fn masked_url(url: &str) -> String {
     }
     shown
 }
-
-use crate::hubs::azure::{error_chain, is_tls_refusal};
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
-//! Transports: bytes in, calls to the service API (and later the provisioning core) out.
-//! `tls` builds the server's TLS configuration; `https` is the listener on port 443.
-//! MQTT and AMQP adapters arrive with their issues.
+//! Transports: bytes in, calls to the service API and the provisioning core out.
+//! `tls` builds the server's TLS configuration; `https` is the listener on port 443, which
+//! hands device paths to `device_http` and WebSocket upgrades to `mqtt`; `mqtt` also serves
+//! port 8883. AMQP comes with its issue.
 
 pub mod device_http;
 pub mod https;
