@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// Milliseconds added to the wait before each further attempt (the seed: 9000).
     #[arg(long, env = "BERTH_WEBHOOK_INTERVAL_STEP_MS")]
     pub webhook_interval_step_ms: Option<u64>,
+    /// How many CA certificates may be uploaded (the seed's limit: 25).
+    #[arg(long, env = "BERTH_MAX_CA_CERTIFICATES")]
+    pub max_ca_certificates: Option<usize>,
 }
 
 /// The TOML file: the same settings, in snake case.
@@ -106,6 +109,7 @@ struct FileConfig {
     webhook_attempts: Option<u32>,
     webhook_initial_interval_ms: Option<u64>,
     webhook_interval_step_ms: Option<u64>,
+    max_ca_certificates: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +148,7 @@ pub struct ServeConfig {
     pub hub_ca_file: Option<PathBuf>,
     pub webhook_ca_file: Option<PathBuf>,
     pub webhook: crate::allocation::webhook::WebhookSettings,
+    pub max_ca_certificates: usize,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "berth-data";
@@ -207,6 +212,10 @@ impl ServeConfig {
             .map_err(ConfigError::Invalid)?,
             hub_ca_file: args.hub_ca_file.clone().or(file.hub_ca_file),
             webhook_ca_file: args.webhook_ca_file.clone().or(file.webhook_ca_file),
+            max_ca_certificates: args
+                .max_ca_certificates
+                .or(file.max_ca_certificates)
+                .unwrap_or(25),
             webhook: {
                 let defaults = crate::allocation::webhook::WebhookSettings::default();
                 crate::allocation::webhook::WebhookSettings {

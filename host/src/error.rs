@@ -52,6 +52,7 @@ pub enum NotFoundKind {
     HubDevice,
     Policy,
     LookupTable,
+    CaCertificate,
 }
 
 impl fmt::Display for NotFoundKind {
@@ -67,6 +68,7 @@ impl fmt::Display for NotFoundKind {
             Self::HubDevice => "device in the hub registry",
             Self::Policy => "policy",
             Self::LookupTable => "lookup table",
+            Self::CaCertificate => "CA certificate",
         })
     }
 }
@@ -119,6 +121,7 @@ impl ServiceError {
                 NotFoundKind::HubDevice => 404_208,
                 NotFoundKind::Policy => 404_209,
                 NotFoundKind::LookupTable => 404_210,
+                NotFoundKind::CaCertificate => 404_211,
             },
             Self::RouteNotFound { .. } => 404_000,
             Self::MethodNotAllowed { .. } => 405_000,

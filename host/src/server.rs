@@ -85,6 +85,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         audience: Audience::new(&instance.host_name, config.https_port),
         metrics,
         provisioning: provisioning.clone(),
+        max_ca_certificates: config.max_ca_certificates,
     });
     print_banner(&instance, identity.ca_file.as_deref(), config.mqtt_port).await?;
     tracing::info!(

@@ -29,6 +29,7 @@ pub struct CertificateInfo {
 #[derive(Debug, Clone)]
 pub struct ParsedCertificate {
     pub pem: String,
+    pub der: Vec<u8>,
     pub info: CertificateInfo,
 }
 
@@ -90,7 +91,55 @@ pub fn describe(der: &[u8]) -> Result<ParsedCertificate, String> {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    Ok(ParsedCertificate { pem, info })
+    Ok(ParsedCertificate {
+        pem,
+        der: der.to_vec(),
+        info,
+    })
+}
+
+/// True when the certificate may sign others: basic constraints with CA set.
+pub fn is_ca(der: &[u8]) -> bool {
+    X509Certificate::from_der(der).is_ok_and(|(_, cert)| cert.is_ca())
+}
+
+/// The subject common name, if any.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
+    Some(cn)
+}
+
+/// Checks a proof of possession: `leaf` names `code` as its subject CN, is within its validity
+/// period, and is signed by the key of `ca` (wire-protocol.md §8.7).
+pub fn verify_proof_of_possession(ca: &[u8], leaf: &[u8], code: &str) -> Result<(), String> {
+    let (_, ca_cert) = X509Certificate::from_der(ca)
+        .map_err(|e| format!("the CA certificate does not parse: {e}"))?;
+    let (_, leaf_cert) = X509Certificate::from_der(leaf)
+        .map_err(|e| format!("the verification certificate does not parse: {e}"))?;
+    let cn = leaf_cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or("the verification certificate has no subject common name")?;
+    if cn != code {
+        return Err(format!(
+            "the verification certificate's common name '{cn}' is not the verification code"
+        ));
+    }
+    if !leaf_cert.validity().is_valid() {
+        return Err("the verification certificate is expired or not yet valid".to_owned());
+    }
+    leaf_cert
+        .verify_signature(Some(ca_cert.public_key()))
+        .map_err(|_| "the verification certificate is not signed by this CA's key".to_owned())
 }
 
 /// "CN=…, O=…, C=…": most specific first, as DPS (.NET) prints names.

@@ -90,6 +90,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Manage CA certificates (upload, verify by proof of possession).
+    CaCertificate {
+        #[command(subcommand)]
+        action: CertificateAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Manage linked IoT hubs.
     Hub {
         #[command(subcommand)]
@@ -274,6 +281,28 @@ pub enum PolicyAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum CertificateAction {
+    /// Upload (or replace) a CA certificate by name, PEM or DER.
+    Upload {
+        name: String,
+        file: PathBuf,
+        /// Mark it verified without proof of possession.
+        #[arg(long)]
+        verified: bool,
+    },
+    /// List CA certificates.
+    List,
+    /// Show one CA certificate.
+    Show { name: String },
+    /// Generate a verification code: sign a certificate with CN = the code using the CA's key.
+    VerificationCode { name: String },
+    /// Verify a CA with the certificate signed for the verification code.
+    Verify { name: String, file: PathBuf },
+    /// Delete a CA certificate.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TableAction {
     /// Upload a JSON object (key → value) as the next version of table NAME.
     Put { name: String, file: PathBuf },
@@ -400,6 +429,7 @@ pub async fn run(command: Command) -> Result<String, CliError> {
         } => policy_test(&file, &request, config.as_deref(), &tables, timeout_ms).await,
         Command::Policy { action, client } => policies(action, &client).await,
         Command::LookupTable { action, client } => lookup_tables(action, &client).await,
+        Command::CaCertificate { action, client } => ca_certificates(action, &client).await,
     }
 }
 
@@ -1185,4 +1215,88 @@ async fn policy_test(
     .await
     .map_err(|e| CliError::Usage(format!("the policy host stopped: {e}")))??;
     Ok(pretty(&body))
+}
+
+async fn ca_certificates(action: CertificateAction, args: &ClientArgs) -> Result<String, CliError> {
+    let client = connect(args).await?;
+    let show = |value: &Value| {
+        if args.json {
+            pretty(value)
+        } else {
+            describe(value)
+        }
+    };
+    let path = |name: &str| format!("/certificates/{}", encode_segment(name));
+    match action {
+        CertificateAction::Upload {
+            name,
+            file,
+            verified,
+        } => {
+            let certificate = read_file(&file)?;
+            let body = json!({"certificate": certificate, "isVerified": verified});
+            let (value, _) = client
+                .call(Method::PUT, &path(&name), Some(&body), &[])
+                .await?;
+            Ok(show(&value))
+        }
+        CertificateAction::List => {
+            let (value, _) = client.call(Method::GET, "/certificates", None, &[]).await?;
+            if args.json {
+                return Ok(pretty(&value));
+            }
+            let rows: Vec<Vec<String>> = value["value"]
+                .as_array()
+                .map(|items| {
+                    items
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                field(i, "/name"),
+                                field(i, "/properties/subject"),
+                                field(i, "/properties/isVerified"),
+                                field(i, "/properties/expiry"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(table(&rows, &["NAME", "SUBJECT", "VERIFIED", "EXPIRES"]))
+        }
+        CertificateAction::Show { name } => {
+            let (value, _) = client.call(Method::GET, &path(&name), None, &[]).await?;
+            Ok(show(&value))
+        }
+        CertificateAction::VerificationCode { name } => {
+            let (value, _) = client
+                .call(
+                    Method::POST,
+                    &format!("{}/generateVerificationCode", path(&name)),
+                    None,
+                    &[],
+                )
+                .await?;
+            if args.json {
+                return Ok(pretty(&value));
+            }
+            Ok(field(&value, "/properties/verificationCode"))
+        }
+        CertificateAction::Verify { name, file } => {
+            let certificate = read_file(&file)?;
+            let body = json!({"certificate": certificate});
+            let (value, _) = client
+                .call(
+                    Method::POST,
+                    &format!("{}/verify", path(&name)),
+                    Some(&body),
+                    &[],
+                )
+                .await?;
+            Ok(show(&value))
+        }
+        CertificateAction::Delete { name } => {
+            client.call(Method::DELETE, &path(&name), None, &[]).await?;
+            Ok(format!("deleted CA certificate {name}"))
+        }
+    }
 }

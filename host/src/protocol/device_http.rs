@@ -34,7 +34,8 @@ pub enum DeviceRoute {
 }
 
 /// First path segments that belong to the service API, never to an ID scope.
-const SERVICE_ROOTS: [&str; 7] = [
+const SERVICE_ROOTS: [&str; 8] = [
+    "certificates",
     "enrollments",
     "enrollmentgroups",
     "registrations",

@@ -9,6 +9,7 @@
 
 mod access_policies;
 pub mod auth;
+mod certificates;
 mod enrollments;
 mod hubs;
 pub mod policies;
@@ -61,6 +62,8 @@ pub struct ServiceState {
     pub metrics: Arc<Metrics>,
     /// The device API served on the same listener.
     pub provisioning: Arc<crate::provisioning::Provisioning>,
+    /// At most this many CA certificates (the seed's limit is 25).
+    pub max_ca_certificates: usize,
 }
 
 pub type AppState = Arc<ServiceState>;
@@ -228,6 +231,12 @@ enum Target {
     TableShow(String),
     TablePut(String),
     TableDelete(String),
+    CertificateList,
+    CertificateGet(String),
+    CertificatePut(String),
+    CertificateDelete(String),
+    CertificateCode(String),
+    CertificateVerify(String),
 }
 
 // Arms stay one per resource and method for readability, even where bodies repeat.
@@ -506,6 +515,56 @@ fn route(method: &Method, path: &str) -> Result<Operation, ServiceError> {
             Target::TableDelete(name.clone()),
         )),
         ("lookuptables", 1 | 2, _) => Err(not_allowed()),
+        ("certificates", 1, _) if m == Method::GET => Ok(op(
+            "List",
+            "Certificate",
+            None,
+            Right::ServiceConfig,
+            Target::CertificateList,
+        )),
+        ("certificates", 2, Some(name)) if m == Method::GET => Ok(op(
+            "Get",
+            "Certificate",
+            Some(name),
+            Right::ServiceConfig,
+            Target::CertificateGet(name.clone()),
+        )),
+        ("certificates", 2, Some(name)) if m == Method::PUT => Ok(op(
+            "Upsert",
+            "Certificate",
+            Some(name),
+            Right::ServiceConfig,
+            Target::CertificatePut(name.clone()),
+        )),
+        ("certificates", 2, Some(name)) if m == Method::DELETE => Ok(op(
+            "Delete",
+            "Certificate",
+            Some(name),
+            Right::ServiceConfig,
+            Target::CertificateDelete(name.clone()),
+        )),
+        ("certificates", 3, Some(name))
+            if last_is("generateverificationcode") && m == Method::POST =>
+        {
+            Ok(op(
+                "GenerateVerificationCode",
+                "Certificate",
+                Some(name),
+                Right::ServiceConfig,
+                Target::CertificateCode(name.clone()),
+            ))
+        }
+        ("certificates", 3, Some(name)) if last_is("verify") && m == Method::POST => Ok(op(
+            "Verify",
+            "Certificate",
+            Some(name),
+            Right::ServiceConfig,
+            Target::CertificateVerify(name.clone()),
+        )),
+        ("certificates", 1 | 2, _) => Err(not_allowed()),
+        ("certificates", 3, _) if last_is("generateverificationcode") || last_is("verify") => {
+            Err(not_allowed())
+        }
         _ => Err(not_found()),
     }
 }
@@ -775,6 +834,12 @@ async fn serve(
         Target::TableShow(name) => policies::get_table(state, &name).await,
         Target::TablePut(name) => policies::put_table(state, &name, &call).await,
         Target::TableDelete(name) => policies::delete_table(state, &name).await,
+        Target::CertificateList => certificates::list(state).await,
+        Target::CertificateGet(name) => certificates::get(state, &name).await,
+        Target::CertificatePut(name) => certificates::put(state, &name, &call).await,
+        Target::CertificateDelete(name) => certificates::delete(state, &name, &call).await,
+        Target::CertificateCode(name) => certificates::generate_code(state, &name, &call).await,
+        Target::CertificateVerify(name) => certificates::verify(state, &name, &call).await,
     }
 }
 
@@ -882,3 +947,6 @@ mod device_tests;
 
 #[cfg(test)]
 mod policy_tests;
+
+#[cfg(test)]
+mod certificate_tests;

@@ -90,6 +90,7 @@ pub(super) async fn backends() -> Vec<Harness> {
             audience: Audience::new("localhost", 8443),
             metrics,
             provisioning,
+            max_ca_certificates: 3,
         });
         out.push(Harness {
             state,

@@ -6,6 +6,7 @@
 //! on SQLite an in-process gate also serializes write transactions, because a deferred
 //! SQLite transaction that reads and then writes fails outright under contention.
 
+mod certificates;
 mod policies;
 mod sealing;
 
@@ -18,6 +19,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Executor as _, Row as _};
 use tokio::sync::Mutex;
 
+pub use certificates::CaCertificateRow;
 pub use policies::{PolicyVersion, TableVersion};
 pub use sealing::{OpenError, Sealer};
 
