@@ -551,3 +551,42 @@ fn an_assigned_registration_survives_sigkill() {
     let record: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(record["assignedHub"], "hub1.example.net");
 }
+
+#[test]
+fn tls_requests_but_does_not_require_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let node = Node::start(dir.path(), port, &[]);
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    // A self-signed device certificate, unknown to the server: the handshake accepts it (the
+    // chain is judged by X.509 attestation, not by TLS) and proves the key.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "device-x509");
+    let certificate = params.self_signed(&key).unwrap();
+    let identity = reqwest::Identity::from_pem(
+        format!("{}{}", certificate.pem(), key.serialize_pem()).as_bytes(),
+    )
+    .unwrap();
+    let with_certificate = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(identity)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}/healthz");
+    assert_eq!(with_certificate.get(&url).send().unwrap().status(), 200);
+    assert_eq!(
+        client(&dir.path().join("ca.pem"))
+            .get(&url)
+            .send()
+            .unwrap()
+            .status(),
+        200,
+        "no certificate is fine too"
+    );
+    drop(node);
+}

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-use crate::service_api::ClientAddr;
+use crate::service_api::{ClientAddr, ClientCertificates};
 
 /// Longest time a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,8 +116,16 @@ pub async fn run(
                             return;
                         }
                     };
+                                        let certificates = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|chain| ClientCertificates(Arc::new(chain.iter().map(|c| c.to_vec()).collect())));
                     let service = app.map_request(move |mut request: hyper::Request<Incoming>| {
                         request.extensions_mut().insert(ClientAddr(peer));
+                        if let Some(certificates) = &certificates {
+                            request.extensions_mut().insert(certificates.clone());
+                        }
                         request
                     });
                     let connection = builder

@@ -1,4 +1,5 @@
 //! The server's TLS identity (DESIGN decision 4): an operator-supplied certificate and key,
+//! and the request for (not requirement of) a client certificate,
 //! or an ECDSA P-256 certificate for `localhost`, `127.0.0.1` and `::1`, signed by a local
 //! CA generated on first start, whose PEM is written to the data directory for clients.
 
@@ -60,9 +61,12 @@ pub fn load_or_create(
     let chain = read_chain(&cert_path)?;
     let private_key = read_key(&key_path)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(RequestClientCertificate {
+        provider: provider.clone(),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(chain, private_key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsIdentity {
@@ -151,4 +155,71 @@ fn generate(data_dir: &Path) -> Result<(), TlsError> {
     let ca_path = data_dir.join(CA_FILE);
     std::fs::write(&ca_path, ca.pem()).map_err(io_error(&ca_path))?;
     Ok(())
+}
+
+/// Requests a client certificate without requiring one, with an empty list of acceptable CA
+/// names (wire-protocol.md §1.3: SAS devices send none, and .NET picks its certificate by
+/// those names). Any chain is accepted here; the handshake still proves the client holds the
+/// leaf's private key (the signature checks below), and X.509 attestation validates the
+/// chain against enrollments and verified CAs itself.
+#[derive(Debug)]
+struct RequestClientCertificate {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for RequestClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            certificate,
+            signature,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            certificate,
+            signature,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }

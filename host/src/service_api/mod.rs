@@ -54,6 +54,11 @@ pub const MAX_LINKED_HUBS: usize = 50;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// The certificate chain the TLS client presented (leaf first, DER), when it presented one;
+/// the handshake proved it holds the leaf's key. Put into request extensions by the listener.
+#[derive(Debug, Clone)]
+pub struct ClientCertificates(pub Arc<Vec<Vec<u8>>>);
+
 /// What every request handler shares.
 #[derive(Debug)]
 pub struct ServiceState {
