@@ -587,6 +587,7 @@ impl PolicyEngine {
         &self,
         prepared: &Prepared,
         request: &types::ReprovisionRequest,
+        input_size: usize,
         context: &CallContext,
     ) -> (
         Result<Result<types::ReprovisionDecision, String>, PolicyError>,
@@ -602,6 +603,14 @@ impl PolicyEngine {
                 CallReport::default(),
             );
         };
+        if input_size as u64 > context.limits.input_bytes {
+            return (
+                Err(PolicyError::Limit {
+                    limit: "input size",
+                }),
+                Self::report(&store, started),
+            );
+        }
         let outcome = pre
             .instantiate(&mut store)
             .and_then(|instance: ReprovisioningRule| instance.call_decide(&mut store, request))

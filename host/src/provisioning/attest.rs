@@ -120,33 +120,34 @@ pub async fn attest(
             }));
         }
     }
+    // A known device is checked against the group it registered through alone; only when
+    // that fails (new device, or a moved one) are all symmetric-key groups loaded.
     let hint = store
         .registration(registration_id)
         .await?
         .and_then(|r| r.enrollment_group_id);
-    let mut groups = store.symmetric_key_groups().await?;
-    if let Some(hint) = hint {
-        if let Some(at) = groups
-            .iter()
-            .position(|g| g.record.id.eq_ignore_ascii_case(&hint))
-        {
-            groups.swap(0, at);
+    let hinted = match &hint {
+        Some(group_id) => store
+            .enrollment(EnrollmentKind::Group, group_id)
+            .await?
+            .filter(|g| g.record.attestation_type() == AttestationType::SymmetricKey),
+        None => None,
+    };
+    let blocked = individual.as_ref().is_some_and(disabled);
+    if let Some(group) = hinted {
+        if let Some(attested) = try_group(&token, registration_id, group, blocked) {
+            return Ok(attested);
         }
     }
-    for group in groups {
-        let Some(keys) = group.record.keys.as_ref() else {
+    for group in store.symmetric_key_groups().await? {
+        if hint
+            .as_deref()
+            .is_some_and(|h| group.record.id.eq_ignore_ascii_case(h))
+        {
             continue;
-        };
-        let device_keys = derived(keys, registration_id);
-        if signed_by_any(&token, Some(&device_keys)) {
-            // A disabled individual entry for this registration ID blocks the group device.
-            let blocked = individual.as_ref().is_some_and(disabled);
-            return Ok(Attested {
-                kind: EnrollmentKind::Group,
-                disabled: blocked || disabled(&group),
-                enrollment: group,
-                device_keys,
-            });
+        }
+        if let Some(attested) = try_group(&token, registration_id, group, blocked) {
+            return Ok(attested);
         }
     }
     Err(unauthorized(if individual.is_some() {
@@ -154,4 +155,21 @@ pub async fn attest(
     } else {
         "no enrollment accepts this device"
     }))
+}
+
+/// The group attests the device when the token is signed with a key derived from one of the
+/// group's keys. `blocked`: a disabled individual entry for this registration ID exists.
+fn try_group(
+    token: &SasToken,
+    registration_id: &str,
+    group: EnrollmentRow,
+    blocked: bool,
+) -> Option<Attested> {
+    let device_keys = derived(group.record.keys.as_ref()?, registration_id);
+    signed_by_any(token, Some(&device_keys)).then(|| Attested {
+        kind: EnrollmentKind::Group,
+        disabled: blocked || disabled(&group),
+        enrollment: group,
+        device_keys,
+    })
 }

@@ -201,18 +201,20 @@ impl Custom {
         })
     }
 
-    async fn allocate_wasm(
+    /// Loads a policy version for `world` and the context its binding grants.
+    async fn prepare_call(
         &self,
         reference: &PolicyRef,
+        world: World,
         binding: &crate::model::enrollment::PolicyBinding,
-        request: &CustomRequest,
-    ) -> Result<CustomDecision, CustomFailure> {
-        let failed = |why: String| CustomFailure::Failed(why);
+    ) -> Result<(LoadedPolicy, CallContext), CustomFailure> {
+        let failed = CustomFailure::Failed;
         let loaded = self.load(reference).await.map_err(failed)?;
-        if loaded.prepared.world() != World::AllocationPolicy {
+        if loaded.prepared.world() != world {
             return Err(failed(format!(
-                "policy {} is a reprovisioning rule, not an allocation policy",
-                loaded.label
+                "policy {} is not a {}",
+                loaded.label,
+                world.as_str()
             )));
         }
         let tables = self
@@ -224,26 +226,44 @@ impl Custom {
             config: binding.config.as_ref().map(Value::to_string),
             tables,
         };
-        let (wit, size) = RequestDoc::from_custom(request).to_wit().map_err(failed)?;
+        Ok((loaded, context))
+    }
+
+    fn log_report(label: &str, report: &CallReport) {
+        for line in &report.logs {
+            tracing::info!(target: "berth::policy", policy = label, level = line.level, message = line.message.as_str(), "policy log");
+        }
+    }
+
+    async fn allocate_wasm(
+        &self,
+        reference: &PolicyRef,
+        binding: &crate::model::enrollment::PolicyBinding,
+        request: &CustomRequest,
+    ) -> Result<CustomDecision, CustomFailure> {
+        let (loaded, context) = self
+            .prepare_call(reference, World::AllocationPolicy, binding)
+            .await?;
+        let (wit, size) = RequestDoc::from_custom(request)
+            .to_wit()
+            .map_err(CustomFailure::Failed)?;
         let engine = self.engine.clone();
         let prepared = loaded.prepared.clone();
         let (outcome, report) =
             tokio::task::spawn_blocking(move || engine.allocate(&prepared, &wit, size, &context))
                 .await
-                .map_err(|e| failed(format!("the policy host stopped: {e}")))?;
-        for line in &report.logs {
-            tracing::info!(target: "berth::policy", policy = loaded.label.as_str(), level = line.level, message = line.message.as_str(), "policy log");
-        }
-        let result = interpret(&loaded.label, outcome);
-        let outcome_label = match &result {
-            Ok(_) => "ok",
-            Err(CustomFailure::Failed(message))
-                if message.starts_with(&format!("policy {}:", loaded.label)) =>
-            {
-                "error"
-            }
-            Err(_) => "refused",
+                .map_err(|e| CustomFailure::Failed(format!("the policy host stopped: {e}")))?;
+        Self::log_report(&loaded.label, &report);
+        let mut outcome_label = match &outcome {
+            Err(_) => "error",
+            Ok(Err(_)) => "refused",
+            Ok(Ok(_)) => "ok",
         };
+        let result = interpret(&loaded.label, outcome);
+        if outcome_label == "ok" && result.is_err() {
+            // The policy answered, but with output the host cannot use.
+            outcome_label = "error";
+        }
         self.record(&loaded.label, outcome_label, &report);
         result
     }
@@ -260,31 +280,12 @@ impl Custom {
         let Some(reference) = &binding.reprovisioning else {
             return Ok(None);
         };
-        let failed = |why: String| CustomFailure::Failed(why);
+        let failed = CustomFailure::Failed;
         let reference = PolicyRef::parse(reference).map_err(failed)?;
-        let loaded = self.load(&reference).await.map_err(failed)?;
-        if loaded.prepared.world() != World::ReprovisioningRule {
-            return Err(failed(format!(
-                "policy {} is not a reprovisioning rule",
-                loaded.label
-            )));
-        }
-        let tables = self
-            .tables(binding.lookup_tables.as_deref().unwrap_or_default())
-            .await
-            .map_err(failed)?;
-        let context = CallContext {
-            limits: loaded.limits,
-            config: binding.config.as_ref().map(Value::to_string),
-            tables,
-        };
+        let (loaded, context) = self
+            .prepare_call(&reference, World::ReprovisioningRule, &binding)
+            .await?;
         let (wit, size) = RequestDoc::from_custom(request).to_wit().map_err(failed)?;
-        if size as u64 > context.limits.input_bytes {
-            return Err(failed(format!(
-                "policy {}: the request exceeds its input size limit",
-                loaded.label
-            )));
-        }
         let rule_request = types::ReprovisionRequest {
             existing,
             request: wit,
@@ -292,43 +293,34 @@ impl Custom {
         };
         let engine = self.engine.clone();
         let prepared = loaded.prepared.clone();
-        let (outcome, report) =
-            tokio::task::spawn_blocking(move || engine.decide(&prepared, &rule_request, &context))
-                .await
-                .map_err(|e| failed(format!("the policy host stopped: {e}")))?;
-        for line in &report.logs {
-            tracing::info!(target: "berth::policy", policy = loaded.label.as_str(), level = line.level, message = line.message.as_str(), "policy log");
-        }
-        let label = loaded.label.clone();
-        let result = match outcome {
-            Err(error) => Err(failed(format!("policy {label}: {error}"))),
-            Ok(Err(message)) => Err(failed(format!(
-                "policy {label} refused the re-registration: {message}"
-            ))),
-            Ok(Ok(decision)) => {
-                let twin = match decision.twin.as_deref().map(parse_twin) {
-                    Some(Err(why)) => return Err(failed(format!("policy {label}: {why}"))),
-                    Some(Ok(twin)) => Some(twin),
-                    None => None,
-                };
-                let action = match decision.action {
-                    types::ReprovisionAction::Keep => RuleAction::Keep,
-                    types::ReprovisionAction::Migrate => RuleAction::Migrate,
-                    types::ReprovisionAction::Reset => RuleAction::Reset,
-                };
-                Ok(Some((action, twin)))
-            }
+        let (outcome, report) = tokio::task::spawn_blocking(move || {
+            engine.decide(&prepared, &rule_request, size, &context)
+        })
+        .await
+        .map_err(|e| failed(format!("the policy host stopped: {e}")))?;
+        Self::log_report(&loaded.label, &report);
+        let label = loaded.label.as_str();
+        let (outcome_label, result) = match outcome {
+            Err(error) => ("error", Err(failed(format!("policy {label}: {error}")))),
+            Ok(Err(message)) => (
+                "refused",
+                Err(failed(format!(
+                    "policy {label} refused the re-registration: {message}"
+                ))),
+            ),
+            Ok(Ok(decision)) => match decision.twin.as_deref().map(parse_twin).transpose() {
+                Err(why) => ("error", Err(failed(format!("policy {label}: {why}")))),
+                Ok(twin) => {
+                    let action = match decision.action {
+                        types::ReprovisionAction::Keep => RuleAction::Keep,
+                        types::ReprovisionAction::Migrate => RuleAction::Migrate,
+                        types::ReprovisionAction::Reset => RuleAction::Reset,
+                    };
+                    ("ok", Ok(Some((action, twin))))
+                }
+            },
         };
-        let outcome_label = match &result {
-            Ok(_) => "ok",
-            Err(CustomFailure::Failed(message))
-                if message.contains("refused the re-registration") =>
-            {
-                "refused"
-            }
-            Err(_) => "error",
-        };
-        self.record(&label, outcome_label, &report);
+        self.record(label, outcome_label, &report);
         result
     }
 }

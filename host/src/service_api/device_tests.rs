@@ -734,3 +734,57 @@ mod mqtt_session {
         }
     }
 }
+
+#[tokio::test]
+async fn a_poll_finishes_an_operation_whose_node_died() {
+    for h in backends().await {
+        h.link("hub-a.example.net", json!({})).await;
+        let created = h
+            .enroll(
+                "/enrollments/orphan-1",
+                json!({"attestation": {"type": "symmetricKey"}}),
+            )
+            .await;
+        let key = created["attestation"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // What a node leaves behind when it dies after answering 202: an operation still
+        // assigning, whose lease has run out.
+        let request = json!({"registrationId": "orphan-1", "group": false, "enrollmentId": "orphan-1",
+                             "payload": null, "protocol": "Http", "client": null, "apiVersion": "2021-06-01"});
+        h.state
+            .store
+            .insert_operation(&crate::store::OperationRow {
+                operation_id: "4.0000000000000000.orphan".to_owned(),
+                registration_key: "orphan-1".to_owned(),
+                status: "assigning".to_owned(),
+                request: request.to_string(),
+                result: None,
+                lease_until: crate::clock::unix_now() - 10,
+            })
+            .await
+            .unwrap();
+        let (status, polled, _) = h
+            .device(
+                "GET",
+                &format!("/{ID_SCOPE}/registrations/orphan-1/operations/4.0000000000000000.orphan"),
+                &device_token("orphan-1", &key),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{polled}");
+        assert_eq!(polled["status"], "assigned");
+        assert_eq!(
+            polled["registrationState"]["assignedHub"],
+            "hub-a.example.net"
+        );
+        assert!(h
+            .state
+            .store
+            .registration("orphan-1")
+            .await
+            .unwrap()
+            .is_some());
+    }
+}
