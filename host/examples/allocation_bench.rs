@@ -97,6 +97,7 @@ fn request(i: usize) -> CustomRequest {
         current_hub: None,
         current_device_id: None,
         protocol: "Mqtt".into(),
+        certificate: None,
         client_address: Some("127.0.0.1".into()),
         linked_hubs: hubs(),
     }

@@ -26,6 +26,7 @@ fn identity(device_id: &str, primary: &str, secondary: &str, iot_edge: bool) -> 
         device_id: device_id.to_owned(),
         primary_key: Some(primary.to_owned()),
         secondary_key: Some(secondary.to_owned()),
+        x509_thumbprint: None,
         iot_edge,
     }
 }
@@ -124,6 +125,7 @@ async fn an_identity_without_keys_is_refused_before_calling_the_hub() {
         device_id: "x509-device".to_owned(),
         primary_key: None,
         secondary_key: None,
+        x509_thumbprint: None,
         iot_edge: false,
     };
     let error = driver(&hub)
@@ -131,8 +133,40 @@ async fn an_identity_without_keys_is_refused_before_calling_the_hub() {
         .await
         .unwrap_err();
     assert_eq!(error.status, None);
-    assert!(error.message.contains("no symmetric key"), "{error}");
+    assert!(
+        error
+            .message
+            .contains("neither a symmetric key nor a certificate"),
+        "{error}"
+    );
     assert!(hub.requests().is_empty());
+}
+
+#[tokio::test]
+async fn an_x509_identity_is_written_self_signed_with_the_leaf_thumbprint() {
+    let hub = FakeHub::start();
+    let thumbprint = "0123456789ABCDEF".repeat(4);
+    let identity = DeviceIdentity {
+        device_id: "x509-device".to_owned(),
+        primary_key: None,
+        secondary_key: None,
+        x509_thumbprint: Some(thumbprint.clone()),
+        iot_edge: false,
+    };
+    driver(&hub)
+        .upsert_device(&hub.connection_string(), &identity)
+        .await
+        .unwrap();
+    let device = hub.devices()["x509-device"].clone();
+    assert_eq!(device["authentication"]["type"], "selfSigned");
+    assert_eq!(
+        device["authentication"]["x509Thumbprint"]["primaryThumbprint"],
+        thumbprint
+    );
+    assert_eq!(
+        device["authentication"]["x509Thumbprint"]["secondaryThumbprint"],
+        thumbprint
+    );
 }
 
 #[tokio::test]

@@ -153,6 +153,7 @@ impl World_ {
             protocol: Protocol::Mqtt,
             client: None,
             api_version: Some("2019-03-31"),
+            certificates: None,
         };
         let body = DeviceRegistration {
             registration_id: None,

@@ -121,6 +121,7 @@ impl World {
             protocol: Protocol::Http,
             client: None,
             api_version: Some("2021-06-01"),
+            certificates: None,
         };
         let accepted = self
             .provisioning

@@ -90,6 +90,7 @@ fn group_request(webhook_url: &str) -> CustomRequest {
         current_hub: None,
         current_device_id: None,
         protocol: "https".to_owned(),
+        certificate: None,
         client_address: Some("127.0.0.1".to_owned()),
         linked_hubs: vec![linked_hub(HUB_A), linked_hub(HUB_B)],
     }
@@ -179,6 +180,7 @@ async fn re_registration_of_an_individual_device_sends_its_assignment_and_payloa
         current_hub: Some(HUB_A.to_owned()),
         current_device_id: Some("breakroom499-contoso-tstrsd-007".to_owned()),
         protocol: "mqtt".to_owned(),
+        certificate: None,
         client_address: None,
         // Only the enrollment's linked hubs are offered.
         linked_hubs: vec![linked_hub(HUB_B)],

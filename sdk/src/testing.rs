@@ -279,6 +279,10 @@ pub fn certificate(common_name: &str) -> CertificateFacts {
         not_before: "2026-01-01T00:00:00Z".to_owned(),
         not_after: "2036-01-01T00:00:00Z".to_owned(),
         subject_alternative_names: Vec::new(),
+        serial_number: "01".to_owned(),
+        subject_attributes: vec![("CN".to_owned(), common_name.to_owned())],
+        issuer_attributes: vec![("CN".to_owned(), "Test Root CA".to_owned())],
+        chain: Vec::new(),
     }
 }
 
@@ -288,6 +292,8 @@ impl CertificateFacts {
     pub fn with_organization(mut self, organization: &str) -> Self {
         self.organization = Some(organization.to_owned());
         self.subject_name = format!("{}, O={organization}", self.subject_name);
+        self.subject_attributes
+            .push(("O".to_owned(), organization.to_owned()));
         self
     }
 
@@ -296,6 +302,8 @@ impl CertificateFacts {
     pub fn with_organizational_unit(mut self, unit: &str) -> Self {
         self.organizational_unit = Some(unit.to_owned());
         self.subject_name = format!("{}, OU={unit}", self.subject_name);
+        self.subject_attributes
+            .push(("OU".to_owned(), unit.to_owned()));
         self
     }
 }

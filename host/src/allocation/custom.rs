@@ -50,6 +50,8 @@ pub struct CustomRequest {
     pub current_device_id: Option<String>,
     pub protocol: String,
     pub client_address: Option<String>,
+    /// X.509 devices: the certificate that proved the identity.
+    pub certificate: Option<crate::attestation::chain::LeafFacts>,
     /// The enrollment's hubs that are linked (all linked hubs when it names none).
     pub linked_hubs: Vec<crate::hubs::LinkedHub>,
 }

@@ -425,10 +425,27 @@ fn device_runtime_context(request: &CustomRequest) -> Value {
 /// - `symmetricKey`: `{}`, as in DPS's real requests.
 /// - `tpm`: `{endorsementKey, storageRootKey}` per the docs table, taken from the enrollment
 ///   (TPM enrollments are individual; neither key is secret).
-/// - `x509`: `{}` for now. Third-party functions read `clientCertificate` (the leaf as Base64
-///   DER); [`CustomRequest`] does not carry the device's certificate yet. When it does, add it
-///   here.
+/// - `x509`: `clientCertificate`, the leaf as Base64 DER (what third-party functions read),
+///   with its `certificateInfo` in the service API's shape and the `certificateChain` as sent.
 fn attestation_context(request: &CustomRequest) -> (&'static str, Value) {
+    if let Some(leaf) = &request.certificate {
+        return (
+            "x509",
+            json!({
+                "clientCertificate": leaf.chain.first(),
+                "certificateChain": leaf.chain,
+                "certificateInfo": {
+                    "subjectName": leaf.subject_name,
+                    "sha1Thumbprint": leaf.sha1_thumbprint,
+                    "sha256Thumbprint": leaf.sha256_thumbprint,
+                    "issuerName": leaf.issuer_name,
+                    "notBeforeUtc": leaf.not_before,
+                    "notAfterUtc": leaf.not_after,
+                    "serialNumber": leaf.serial_number,
+                },
+            }),
+        );
+    }
     let attestation = request.enrollment.attestation.as_ref();
     match attestation.map(|a| a.kind) {
         Some(AttestationType::Tpm) => {

@@ -143,7 +143,7 @@ pub fn verify_proof_of_possession(ca: &[u8], leaf: &[u8], code: &str) -> Result<
 }
 
 /// "CN=…, O=…, C=…": most specific first, as DPS (.NET) prints names.
-fn distinguished_name(name: &x509_parser::x509::X509Name<'_>) -> String {
+pub(crate) fn distinguished_name(name: &x509_parser::x509::X509Name<'_>) -> String {
     let registry = x509_parser::objects::oid_registry();
     let mut parts = Vec::new();
     for rdn in name.iter_rdn() {

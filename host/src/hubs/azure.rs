@@ -567,28 +567,21 @@ fn check_device_id(device_id: &str) -> Result<(), HubError> {
     Ok(())
 }
 
-/// The Device JSON DPS writes for a SAS identity (§10.2).
+/// The Device JSON DPS writes (§10.2): SAS keys, or the X.509 thumbprint.
 fn device_json(identity: &DeviceIdentity) -> Result<Value, HubError> {
-    fn present(key: Option<&String>) -> Option<&str> {
-        key.map(String::as_str).filter(|k| !k.trim().is_empty())
-    }
-    let primary = present(identity.primary_key.as_ref()).ok_or_else(|| {
+    let authentication = identity.authentication().ok_or_else(|| {
         HubError::new(
             None,
             format!(
-                "device '{}' has no symmetric key; the azure hub driver writes SAS identities only",
+                "device '{}' has neither a symmetric key nor a certificate thumbprint",
                 identity.device_id
             ),
         )
     })?;
-    let secondary = present(identity.secondary_key.as_ref()).unwrap_or(primary);
     Ok(json!({
         "deviceId": identity.device_id,
         "status": "enabled",
-        "authentication": {
-            "type": "sas",
-            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary },
-        },
+        "authentication": authentication,
         "capabilities": { "iotEdge": identity.iot_edge },
     }))
 }
@@ -646,6 +639,7 @@ mod tests {
             device_id: "d".to_owned(),
             primary_key: Some("cHJpbWFyeQ==".to_owned()),
             secondary_key: None,
+            x509_thumbprint: None,
             iot_edge: true,
         };
         let device = device_json(&identity).unwrap();
@@ -654,5 +648,23 @@ mod tests {
             "cHJpbWFyeQ=="
         );
         assert_eq!(device["capabilities"]["iotEdge"], true);
+    }
+
+    #[test]
+    fn an_x509_device_is_self_signed_with_its_thumbprint_in_both_slots() {
+        let identity = DeviceIdentity {
+            device_id: "d".to_owned(),
+            primary_key: None,
+            secondary_key: None,
+            x509_thumbprint: Some("AB".repeat(32)),
+            iot_edge: false,
+        };
+        let device = device_json(&identity).unwrap();
+        assert_eq!(device["authentication"]["type"], "selfSigned");
+        assert_eq!(
+            device["authentication"]["x509Thumbprint"]["secondaryThumbprint"],
+            "AB".repeat(32)
+        );
+        assert!(device["authentication"].get("symmetricKey").is_none());
     }
 }

@@ -19,7 +19,39 @@ pub struct DeviceIdentity {
     /// SAS authentication keys (Base64); `None` for devices that use certificates.
     pub primary_key: Option<String>,
     pub secondary_key: Option<String>,
+    /// X.509 devices: the leaf's SHA-256 thumbprint (uppercase hex); authentication is then
+    /// `selfSigned` instead of SAS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509_thumbprint: Option<String>,
     pub iot_edge: bool,
+}
+
+impl DeviceIdentity {
+    /// The hub's `authentication` object (wire-protocol.md §10.2): `selfSigned` with the
+    /// thumbprint for X.509 devices (the one thumbprint in both slots), else `sas` with the
+    /// keys (a missing secondary repeats the primary). `None`: a SAS identity without a key.
+    pub fn authentication(&self) -> Option<Value> {
+        if let Some(thumbprint) = &self.x509_thumbprint {
+            return Some(serde_json::json!({
+                "type": "selfSigned",
+                "x509Thumbprint": {
+                    "primaryThumbprint": thumbprint,
+                    "secondaryThumbprint": thumbprint,
+                },
+            }));
+        }
+        let present = |key: Option<&String>| {
+            key.map(String::as_str)
+                .filter(|k| !k.trim().is_empty())
+                .map(str::to_owned)
+        };
+        let primary = present(self.primary_key.as_ref())?;
+        let secondary = present(self.secondary_key.as_ref()).unwrap_or_else(|| primary.clone());
+        Some(serde_json::json!({
+            "type": "sas",
+            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary },
+        }))
+    }
 }
 
 /// Why a hub refused or could not be reached; the registration fails with this message.

@@ -28,6 +28,17 @@ pub struct RegistrationState {
     pub etag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// X.509 devices (wire-protocol.md §3.5); `certificateInfo` is left out, as is safest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
+}
+
+/// The `x509` part of a registration result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509RegistrationResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
 }
 
 /// A stored record: the state plus the enrollment group it came through, if any.

@@ -103,6 +103,36 @@ pub struct CertificateDoc {
     pub not_after: String,
     #[serde(default)]
     pub subject_alternative_names: Vec<String>,
+    #[serde(default)]
+    pub serial_number: String,
+    #[serde(default)]
+    pub subject_attributes: Vec<(String, String)>,
+    #[serde(default)]
+    pub issuer_attributes: Vec<(String, String)>,
+    /// Leaf first, Base64 DER.
+    #[serde(default)]
+    pub chain: Vec<String>,
+}
+
+impl From<&crate::attestation::chain::LeafFacts> for CertificateDoc {
+    fn from(leaf: &crate::attestation::chain::LeafFacts) -> Self {
+        Self {
+            subject_name: leaf.subject_name.clone(),
+            issuer_name: leaf.issuer_name.clone(),
+            common_name: Some(leaf.common_name.clone()),
+            organization: leaf.organization.clone(),
+            organizational_unit: leaf.organizational_unit.clone(),
+            sha1_thumbprint: leaf.sha1_thumbprint.clone(),
+            sha256_thumbprint: leaf.sha256_thumbprint.clone(),
+            not_before: leaf.not_before.clone(),
+            not_after: leaf.not_after.clone(),
+            subject_alternative_names: leaf.subject_alternative_names.clone(),
+            serial_number: leaf.serial_number.clone(),
+            subject_attributes: leaf.subject_attributes.clone(),
+            issuer_attributes: leaf.issuer_attributes.clone(),
+            chain: leaf.chain.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,7 +179,7 @@ impl RequestDoc {
             },
             device: DeviceDoc {
                 registration_id: request.registration_id.clone(),
-                attestation: AttestationDoc::default(),
+                attestation: attestation_doc(request),
                 payload: request.payload.clone(),
                 current_hub: request.current_hub.clone(),
                 current_device_id: request.current_device_id.clone(),
@@ -169,7 +199,33 @@ impl RequestDoc {
                 .collect(),
         }
     }
+}
 
+/// What the device proved: its certificate (X.509), or the enrollment's attestation kind
+/// and endorsement key (TPM enrollments are individual and their keys are not secret).
+fn attestation_doc(request: &crate::allocation::custom::CustomRequest) -> AttestationDoc {
+    use crate::model::enrollment::AttestationType;
+    if let Some(leaf) = &request.certificate {
+        return AttestationDoc {
+            kind: "x509".to_owned(),
+            certificate: Some(CertificateDoc::from(leaf)),
+            endorsement_key: None,
+        };
+    }
+    let attestation = request.enrollment.attestation.as_ref();
+    match attestation.map(|a| a.kind) {
+        Some(AttestationType::Tpm) => AttestationDoc {
+            kind: "tpm".to_owned(),
+            certificate: None,
+            endorsement_key: attestation
+                .and_then(|a| a.tpm.as_ref())
+                .map(|t| t.endorsement_key.clone()),
+        },
+        _ => AttestationDoc::default(),
+    }
+}
+
+impl RequestDoc {
     /// The WIT value; fails on an unknown kind. Also returns its size in bytes (the input limit).
     pub fn to_wit(&self) -> Result<(wit::AllocationRequest, usize), String> {
         let kind = match self.enrollment.kind.to_ascii_lowercase().as_str() {
@@ -246,7 +302,13 @@ impl RequestDoc {
                     + c.issuer_name.len()
                     + c.subject_alternative_names
                         .iter()
+                        .chain(&c.chain)
                         .map(String::len)
+                        .sum::<usize>()
+                    + c.subject_attributes
+                        .iter()
+                        .chain(&c.issuer_attributes)
+                        .map(|(k, v)| k.len() + v.len())
                         .sum::<usize>()
                     + 256
             })
@@ -280,6 +342,10 @@ impl RequestDoc {
                             not_before: c.not_before.clone(),
                             not_after: c.not_after.clone(),
                             subject_alternative_names: c.subject_alternative_names.clone(),
+                            serial_number: c.serial_number.clone(),
+                            subject_attributes: c.subject_attributes.clone(),
+                            issuer_attributes: c.issuer_attributes.clone(),
+                            chain: c.chain.clone(),
                         }
                     }),
                     endorsement_key: self.device.attestation.endorsement_key.clone(),

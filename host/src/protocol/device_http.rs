@@ -131,6 +131,7 @@ pub async fn handle(
     query: Option<&str>,
     body: Body,
     client: Option<IpAddr>,
+    certificates: Option<&[Vec<u8>]>,
 ) -> Result<Response, ServiceError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -156,6 +157,7 @@ pub async fn handle(
                 protocol: Protocol::Http,
                 client,
                 api_version: version.as_deref(),
+                certificates,
             };
             let status = provisioning.register(call, registration).await?;
             Ok(json_response(StatusCode::ACCEPTED, &status, true))
@@ -172,6 +174,7 @@ pub async fn handle(
                 protocol: Protocol::Http,
                 client,
                 api_version: version.as_deref(),
+                certificates,
             };
             let status = provisioning.operation_status(call, &operation_id).await?;
             if status.is_assigning() {
@@ -195,6 +198,7 @@ pub async fn handle(
                 protocol: Protocol::Http,
                 client,
                 api_version: version.as_deref(),
+                certificates,
             };
             let state = provisioning.status_lookup(call).await?;
             Ok(json_response(StatusCode::OK, &state, false))

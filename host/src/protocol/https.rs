@@ -116,11 +116,7 @@ pub async fn run(
                             return;
                         }
                     };
-                                        let certificates = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .map(|chain| ClientCertificates(Arc::new(chain.iter().map(|c| c.to_vec()).collect())));
+                    let certificates = crate::protocol::mqtt::peer_chain(stream.get_ref().1).map(ClientCertificates);
                     let service = app.map_request(move |mut request: hyper::Request<Incoming>| {
                         request.extensions_mut().insert(ClientAddr(peer));
                         if let Some(certificates) = &certificates {

@@ -70,7 +70,10 @@ pub async fn run_listener(
                 let provisioning = provisioning.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => session(stream, provisioning, Protocol::Mqtt, Some(peer)).await,
+                        Ok(Ok(stream)) => {
+                            let certificates = peer_chain(stream.get_ref().1);
+                            session(stream, provisioning, Protocol::Mqtt, Some(peer), certificates).await;
+                        }
                         Ok(Err(error)) => tracing::debug!(error = %error, peer = %peer, "MQTT TLS handshake failed"),
                         Err(_) => tracing::debug!(peer = %peer, "MQTT TLS handshake timed out"),
                     }
@@ -107,16 +110,31 @@ pub async fn websocket(
         Err(rejection) => return rejection.into_response(),
     };
     let peer = peer.map(|ip| SocketAddr::new(ip, 0));
+    let certificates = parts
+        .extensions
+        .get::<crate::service_api::ClientCertificates>()
+        .map(|c| c.0.clone());
     upgrade
         .protocols([token])
         .max_message_size(MAX_PACKET)
-        .on_upgrade(move |socket| bridge(socket, provisioning, peer))
+        .on_upgrade(move |socket| bridge(socket, provisioning, peer, certificates))
 }
 
 /// Carries the MQTT byte stream between WebSocket binary frames and a session.
-async fn bridge(socket: WebSocket, provisioning: Arc<Provisioning>, peer: Option<SocketAddr>) {
+async fn bridge(
+    socket: WebSocket,
+    provisioning: Arc<Provisioning>,
+    peer: Option<SocketAddr>,
+    certificates: Option<Arc<Vec<Vec<u8>>>>,
+) {
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    let session_task = tokio::spawn(session(theirs, provisioning, Protocol::MqttWs, peer));
+    let session_task = tokio::spawn(session(
+        theirs,
+        provisioning,
+        Protocol::MqttWs,
+        peer,
+        certificates,
+    ));
     let (mut sink, mut stream) = socket.split();
     let (mut from_session, mut to_session) = tokio::io::split(ours);
     let mut buffer = vec![0u8; 16 * 1024];
@@ -330,12 +348,21 @@ fn parse_connect_version(buffer: &[u8]) -> Option<(&[u8], u8)> {
     Some((name, level))
 }
 
-/// Serves one MQTT connection to its end.
+/// The chain a client presented in the TLS handshake (its signature already verified).
+pub fn peer_chain(connection: &rustls::ServerConnection) -> Option<Arc<Vec<Vec<u8>>>> {
+    connection
+        .peer_certificates()
+        .map(|chain| Arc::new(chain.iter().map(|c| c.to_vec()).collect()))
+}
+
+/// Serves one MQTT connection to its end. `certificates`: the client's TLS certificate
+/// chain, the credential of an X.509 device (which then sends no password).
 pub async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     provisioning: Arc<Provisioning>,
     protocol: Protocol,
     peer: Option<SocketAddr>,
+    certificates: Option<Arc<Vec<Vec<u8>>>>,
 ) {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buffer = BytesMut::with_capacity(4096);
@@ -346,6 +373,7 @@ pub async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         &provisioning,
         protocol,
         peer,
+        certificates.as_deref().map(Vec::as_slice),
     )
     .await;
     match outcome {
@@ -364,6 +392,7 @@ async fn run_session<R, W>(
     provisioning: &Arc<Provisioning>,
     protocol: Protocol,
     peer: Option<SocketAddr>,
+    certificates: Option<&[Vec<u8>]>,
 ) -> Result<(), SessionEnd>
 where
     R: AsyncRead + Unpin,
@@ -492,6 +521,7 @@ where
                     protocol,
                     client: peer.map(|p| p.ip()),
                     api_version: claim.api_version.as_deref(),
+                    certificates,
                 };
                 let (rid, status, body, retry_after) =
                     answer(provisioning, call, request, &publish.payload).await;

@@ -10,14 +10,21 @@
 //! - otherwise the groups: the one the device registered through before first (its record
 //!   names it), then every symmetric-key group, with keys derived from the group's primary
 //!   and secondary keys.
+//!
+//! X.509 attestation ([`attest_x509`]) follows the seed's order instead (X509-15…18): the
+//! individual enrollment for the certificate's common name, then the groups of the chain's
+//! certificates from the leaf's issuer up to the root, the most specific first. A disabled
+//! entry anywhere on that path wins over an enabled one (deny wins, seed-inventory decision 4).
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
+use crate::attestation::chain::{self, DeviceChain, LeafFacts};
 use crate::attestation::sas::{derive_device_key, SasToken};
+use crate::attestation::x509::{parse_certificate, ParsedCertificate};
 use crate::error::ServiceError;
 use crate::model::enrollment::{
-    AttestationType, EnrollmentKind, ProvisioningStatus, SymmetricKeys,
+    AttestationType, Enrollment, EnrollmentKind, ProvisioningStatus, SymmetricKeys,
 };
 use crate::store::{EnrollmentRow, Store};
 
@@ -30,6 +37,8 @@ pub struct Attested {
     pub device_keys: SymmetricKeys,
     /// The device is blocked: its enrollment, or its individual entry, is disabled.
     pub disabled: bool,
+    /// X.509 devices: the certificate that proved the identity.
+    pub certificate: Option<LeafFacts>,
 }
 
 fn unauthorized(why: impl Into<String>) -> ServiceError {
@@ -110,6 +119,7 @@ pub async fn attest(
                 device_keys: row.record.keys.clone().unwrap_or_default(),
                 disabled: disabled(row),
                 enrollment: row.clone(),
+                certificate: None,
             });
         }
         if !disabled(row) {
@@ -171,5 +181,203 @@ fn try_group(
         disabled: blocked || disabled(&group),
         enrollment: group,
         device_keys,
+        certificate: None,
     })
+}
+
+/// The longest common name an X.509 registration ID may have (seed X509-03).
+const MAX_CERTIFICATE_ID: usize = 64;
+
+fn invalid_certificate(why: impl Into<String>) -> ServiceError {
+    ServiceError::Unauthorized(format!("Invalid certificate: {}", why.into()))
+}
+
+/// Attests a device by the certificate chain it presented in the TLS handshake.
+pub async fn attest_x509(
+    store: &Store,
+    registration_id: &str,
+    certificates: &[Vec<u8>],
+) -> Result<Attested, ServiceError> {
+    let authorities = store.ca_certificates().await?;
+    let groups = store.x509_groups().await?;
+    let mut held: Vec<Vec<u8>> = authorities
+        .iter()
+        .filter_map(|ca| parse_certificate(&ca.pem).ok().map(|c| c.der))
+        .collect();
+    for group in &groups {
+        held.extend(signing_certificates(&group.record.doc).map(|c| c.der));
+    }
+    let chain = chain::check(certificates, &held, x509_parser::time::ASN1Time::now())
+        .map_err(invalid_certificate)?;
+    check_common_name(&chain, registration_id)?;
+    let verified: Vec<&str> = authorities
+        .iter()
+        .filter(|ca| ca.is_verified)
+        .map(|ca| ca.info.sha256_thumbprint.as_str())
+        .collect();
+    let references = |doc: &Enrollment| -> Vec<String> {
+        let Some(x509) = doc.attestation.as_ref().and_then(|a| a.x509.as_ref()) else {
+            return Vec::new();
+        };
+        let mut thumbprints: Vec<String> = signing_certificates(doc)
+            .map(|c| c.info.sha256_thumbprint)
+            .collect();
+        if let Some(refs) = &x509.ca_references {
+            for name in [&refs.primary, &refs.secondary].into_iter().flatten() {
+                if let Some(ca) = authorities
+                    .iter()
+                    .find(|ca| ca.name.eq_ignore_ascii_case(name))
+                {
+                    thumbprints.push(ca.info.sha256_thumbprint.clone());
+                }
+            }
+        }
+        thumbprints
+    };
+    // The entries that name a certificate of the chain above the leaf, most specific first.
+    let mut matches: Vec<(usize, &EnrollmentRow)> = Vec::new();
+    for (position, link) in chain.links.iter().enumerate().skip(1) {
+        for group in &groups {
+            if references(&group.record.doc).contains(&link.sha256) {
+                matches.push((position, group));
+            }
+        }
+    }
+    let trusted_from = |position: usize| {
+        chain.links[position..]
+            .iter()
+            .any(|link| verified.contains(&link.sha256.as_str()))
+    };
+    let individual = store
+        .enrollment(EnrollmentKind::Individual, registration_id)
+        .await?;
+    let blocked = individual.as_ref().is_some_and(disabled)
+        || matches.iter().any(|(_, group)| disabled(group));
+    let attested = |kind, row: &EnrollmentRow| Attested {
+        kind,
+        enrollment: row.clone(),
+        device_keys: SymmetricKeys::default(),
+        disabled: blocked,
+        certificate: Some(chain.leaf.clone()),
+    };
+    if let Some(row) = &individual {
+        if row.record.attestation_type() == AttestationType::X509 {
+            let admitted = individual_admits(&chain, &row.record.doc, &references, &trusted_from);
+            match admitted {
+                Ok(()) => return Ok(attested(EnrollmentKind::Individual, row)),
+                Err(why) if !disabled(row) => return Err(invalid_certificate(why)),
+                Err(_) => {}
+            }
+        } else if !disabled(row) {
+            return Err(unauthorized(
+                "the device's individual enrollment does not use X.509 attestation",
+            ));
+        }
+    }
+    if let Some((_, group)) = matches.iter().find(|(position, _)| trusted_from(*position)) {
+        return Ok(attested(EnrollmentKind::Group, group));
+    }
+    if let Some((position, group)) = matches.first() {
+        return Err(invalid_certificate(format!(
+            "enrollment group '{}' covers '{}', but neither it nor a certificate above it in \
+             the chain is a verified CA certificate; {}",
+            group.record.id,
+            chain.links[*position].subject,
+            chain.end_description()
+        )));
+    }
+    let sent: Vec<&str> = chain.links.iter().map(|l| l.subject.as_str()).collect();
+    Err(invalid_certificate(format!(
+        "no enrollment accepts this device: no individual X.509 enrollment for '{registration_id}' \
+         and no enrollment group for any certificate above the leaf ({}); {}",
+        sent.join(" <- "),
+        chain.end_description()
+    )))
+}
+
+/// The registration ID is the leaf's common name: registration-ID rules, at most 64
+/// characters, and equal (ignoring case) to the ID the request names.
+fn check_common_name(chain: &DeviceChain, registration_id: &str) -> Result<(), ServiceError> {
+    let cn = chain.common_name();
+    if cn.chars().count() > MAX_CERTIFICATE_ID {
+        return Err(invalid_certificate(format!(
+            "the device certificate's common name is {} characters long; an X.509 registration \
+             ID has at most {MAX_CERTIFICATE_ID}",
+            cn.chars().count()
+        )));
+    }
+    crate::model::names::check_registration_id("the device certificate's common name", cn)
+        .map_err(invalid_certificate)?;
+    if !cn.eq_ignore_ascii_case(registration_id) {
+        return Err(invalid_certificate(format!(
+            "the device certificate's common name '{cn}' is not the registration ID \
+             '{registration_id}' of the request"
+        )));
+    }
+    Ok(())
+}
+
+/// An individual X.509 enrollment admits the device whose leaf is one of its certificates,
+/// or whose chain reaches one of its verified CA references.
+fn individual_admits(
+    chain: &DeviceChain,
+    doc: &Enrollment,
+    references: &dyn Fn(&Enrollment) -> Vec<String>,
+    trusted_from: &dyn Fn(usize) -> bool,
+) -> Result<(), String> {
+    let x509 = doc.attestation.as_ref().and_then(|a| a.x509.as_ref());
+    let leaf = &chain.links[0];
+    let own: Vec<ParsedCertificate> = x509
+        .and_then(|x| x.client_certificates.as_ref())
+        .map(|certs| certificates_of(certs).collect())
+        .unwrap_or_default();
+    if !own.is_empty() {
+        if own.iter().any(|c| c.info.sha256_thumbprint == leaf.sha256) {
+            return Ok(());
+        }
+        return Err(format!(
+            "the device certificate (SHA-256 {}) is neither the primary nor the secondary \
+             certificate of its individual enrollment",
+            leaf.sha256
+        ));
+    }
+    let thumbprints = references(doc);
+    let reached = chain
+        .links
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, link)| thumbprints.contains(&link.sha256));
+    match reached {
+        Some((position, _)) if trusted_from(position) => Ok(()),
+        Some((_, link)) => Err(format!(
+            "the individual enrollment's CA certificate '{}' is not verified",
+            link.subject
+        )),
+        None => Err(format!(
+            "the chain does not reach the CA certificate of the device's individual \
+             enrollment; {}",
+            chain.end_description()
+        )),
+    }
+}
+
+fn certificates_of(
+    certs: &crate::model::enrollment::X509Certificates,
+) -> impl Iterator<Item = ParsedCertificate> + '_ {
+    [&certs.primary, &certs.secondary]
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.certificate.as_deref())
+        .filter_map(|text| parse_certificate(text).ok())
+}
+
+/// The signing certificates an enrollment (group) holds itself.
+fn signing_certificates(doc: &Enrollment) -> impl Iterator<Item = ParsedCertificate> + '_ {
+    doc.attestation
+        .as_ref()
+        .and_then(|a| a.x509.as_ref())
+        .and_then(|x| x.signing_certificates.as_ref())
+        .into_iter()
+        .flat_map(certificates_of)
 }

@@ -65,6 +65,18 @@ pub struct DeviceCall<'a> {
     pub protocol: Protocol,
     pub client: Option<IpAddr>,
     pub api_version: Option<&'a str>,
+    /// The certificate chain the device presented in the TLS handshake, leaf first.
+    pub certificates: Option<&'a [Vec<u8>]>,
+}
+
+impl DeviceCall<'_> {
+    /// An X.509 device: a client certificate and no other credential (wire-protocol.md §4.1).
+    fn x509(&self) -> Option<&[Vec<u8>]> {
+        match (self.authorization, self.certificates) {
+            (None, Some(chain)) if !chain.is_empty() => Some(chain),
+            _ => None,
+        }
+    }
 }
 
 /// The register request body (`DeviceRegistration`, §3.3). Unknown fields are ignored.
@@ -103,6 +115,12 @@ struct OperationRequest {
     protocol: Protocol,
     client: Option<IpAddr>,
     api_version: Option<String>,
+    /// A disabled entry covers the device (deny wins), whatever its enrollment says now.
+    #[serde(default)]
+    blocked: bool,
+    /// X.509 devices: the certificate that proved the identity.
+    #[serde(default)]
+    certificate: Option<crate::attestation::chain::LeafFacts>,
 }
 
 /// Settings of device registration.
@@ -193,13 +211,18 @@ impl Provisioning {
 
     async fn attest(&self, call: &DeviceCall<'_>) -> Result<attest::Attested, ServiceError> {
         let started = Instant::now();
-        let outcome = attest::attest(
-            &self.store,
-            &self.id_scope,
-            call.registration_id,
-            call.authorization,
-        )
-        .await;
+        let outcome = match call.x509() {
+            Some(chain) => attest::attest_x509(&self.store, call.registration_id, chain).await,
+            None => {
+                attest::attest(
+                    &self.store,
+                    &self.id_scope,
+                    call.registration_id,
+                    call.authorization,
+                )
+                .await
+            }
+        };
         let (status, signature) = match &outcome {
             Ok(_) => ("Success", 200),
             Err(error) => ("Failure", error.status()),
@@ -249,6 +272,8 @@ impl Provisioning {
             protocol: call.protocol,
             client: call.client,
             api_version: call.api_version.map(str::to_owned),
+            blocked: attested.disabled,
+            certificate: attested.certificate,
         };
         let request_json =
             serde_json::to_string(&request).map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -453,7 +478,10 @@ impl Provisioning {
         let is_disabled = |row: &crate::store::EnrollmentRow| {
             row.record.doc.provisioning_status == Some(ProvisioningStatus::Disabled)
         };
-        if is_disabled(&enrollment) || individual.as_ref().is_some_and(is_disabled) {
+        if request.blocked
+            || is_disabled(&enrollment)
+            || individual.as_ref().is_some_and(is_disabled)
+        {
             let now = now_utc();
             let state = RegistrationState {
                 registration_id,
@@ -467,6 +495,9 @@ impl Provisioning {
             return Ok(Some((state, None)));
         }
         let device_keys = match kind {
+            _ if request.certificate.is_some() => {
+                crate::model::enrollment::SymmetricKeys::default()
+            }
             EnrollmentKind::Individual => enrollment.record.keys.clone().unwrap_or_default(),
             EnrollmentKind::Group => {
                 let keys = enrollment.record.keys.clone().unwrap_or_default();
@@ -509,6 +540,7 @@ impl Provisioning {
                 .and_then(|p| p.state.device_id.clone()),
             protocol: request.protocol.as_str().to_owned(),
             client_address: request.client.map(|c| c.to_string()),
+            certificate: request.certificate.clone(),
             linked_hubs: custom_candidates(&enrollment.record.doc, &linked),
         };
         let failed = |failure: crate::allocation::custom::CustomFailure| {
@@ -600,6 +632,12 @@ impl Provisioning {
             device_id: decision.device_id.clone(),
             primary_key: device_keys.primary_key.clone(),
             secondary_key: device_keys.secondary_key.clone(),
+            // X.509 devices go into the hub as `selfSigned` with the leaf's thumbprint, also
+            // when a CA-based group admitted them (seed X509-23).
+            x509_thumbprint: request
+                .certificate
+                .as_ref()
+                .map(|c| c.sha256_thumbprint.clone()),
             iot_edge: enrollment
                 .record
                 .doc
@@ -630,6 +668,12 @@ impl Provisioning {
             substatus: Some(decision.substatus.to_owned()),
             last_updated_date_time_utc: Some(now),
             payload: custom_decision.and_then(|d| d.payload),
+            x509: request.certificate.as_ref().map(|_| {
+                crate::model::registration::X509RegistrationResult {
+                    enrollment_group_id: (kind == EnrollmentKind::Group)
+                        .then(|| enrollment.record.id.clone()),
+                }
+            }),
             ..RegistrationState::default()
         };
         let record = RegistrationRecord {

@@ -485,6 +485,7 @@ mod mqtt_session {
                 provisioning,
                 Protocol::Mqtt,
                 None,
+                None,
             ));
             Self {
                 io,

@@ -193,10 +193,7 @@ pub(super) async fn device(
         .ok_or_else(|| ServiceError::not_found(NotFoundKind::HubDevice, device_id))?;
     Ok(Reply::ok(serde_json::json!({
         "deviceId": row.identity.device_id,
-        "authentication": {
-            "type": "sas",
-            "symmetricKey": {"primaryKey": row.identity.primary_key, "secondaryKey": row.identity.secondary_key},
-        },
+        "authentication": row.identity.authentication(),
         "capabilities": {"iotEdge": row.identity.iot_edge},
         "twin": row.twin,
         "etag": row.etag,

@@ -700,6 +700,10 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
                     parts.uri.query(),
                     body,
                     caller,
+                    parts
+                        .extensions
+                        .get::<ClientCertificates>()
+                        .map(|c| c.0.as_slice()),
                 )
                 .await
             }
@@ -955,3 +959,5 @@ mod policy_tests;
 
 #[cfg(test)]
 mod certificate_tests;
+#[cfg(test)]
+mod x509_tests;

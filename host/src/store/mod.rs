@@ -1182,9 +1182,21 @@ impl Store {
 
     /// Enrollment groups with symmetric-key attestation, for finding a device's group.
     pub async fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentRow>> {
-        let rows = sqlx::query("SELECT * FROM enrollment_groups WHERE attestation_type = 'symmetricKey' ORDER BY id_key")
-            .fetch_all(&self.pool)
-            .await?;
+        self.groups_attested_by("symmetricKey").await
+    }
+
+    /// Enrollment groups with X.509 attestation, for walking a device's chain.
+    pub async fn x509_groups(&self) -> Result<Vec<EnrollmentRow>> {
+        self.groups_attested_by("x509").await
+    }
+
+    async fn groups_attested_by(&self, kind: &str) -> Result<Vec<EnrollmentRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM enrollment_groups WHERE attestation_type = $1 ORDER BY id_key",
+        )
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|r| self.enrollment_from_row(r)).collect()
     }
 

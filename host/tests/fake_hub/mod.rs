@@ -690,7 +690,22 @@ fn check_authentication(authentication: &Value) -> Result<(), String> {
             }
             Ok(())
         }
-        Some("selfSigned" | "certificateAuthority" | "none") => Ok(()),
+        Some("selfSigned") => {
+            for slot in ["primaryThumbprint", "secondaryThumbprint"] {
+                let thumbprint = authentication
+                    .pointer(&format!("/x509Thumbprint/{slot}"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let hex = thumbprint.chars().all(|c| c.is_ascii_hexdigit());
+                if !hex || !(thumbprint.len() == 40 || thumbprint.len() == 64) {
+                    return Err(format!(
+                        "x509Thumbprint.{slot} must be a SHA-1 or SHA-256 thumbprint."
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Some("certificateAuthority" | "none") => Ok(()),
         other => Err(format!("authentication.type {other:?} is not valid.")),
     }
 }
