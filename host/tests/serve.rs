@@ -590,3 +590,146 @@ fn tls_requests_but_does_not_require_a_client_certificate() {
     );
     drop(node);
 }
+
+/// Presents a certificate with whatever key it is given: a device that does not hold the key
+/// of the certificate it sends.
+#[derive(Debug)]
+struct PresentCertificate(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for PresentCertificate {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// One HTTPS request over a raw rustls connection that signs the handshake with `key`;
+/// returns the response text, or the error that ended the connection.
+fn request_signed_with(
+    port: u16,
+    ca: &Path,
+    certificate: &rcgen::Certificate,
+    key: &rcgen::KeyPair,
+    request: &str,
+) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for der in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(der.unwrap()).unwrap();
+    }
+    let signing = provider
+        .key_provider
+        .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(
+            key.serialize_der().into(),
+        ))
+        .unwrap();
+    let certified = rustls::sign::CertifiedKey::new(vec![certificate.der().clone()], signing);
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(std::sync::Arc::new(PresentCertificate(
+            std::sync::Arc::new(certified),
+        )));
+    let mut connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut stream = rustls::Stream::new(&mut connection, &mut socket);
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response) {
+        Ok(_) => Ok(String::from_utf8_lossy(&response).into_owned()),
+        Err(e) if !response.is_empty() => Err(format!(
+            "{e} after {}",
+            String::from_utf8_lossy(&response)
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn an_x509_device_registers_over_https_and_one_without_its_key_fails_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let node = Node::start(dir.path(), port, &[]);
+    let ca = dir.path().join("ca.pem");
+    let connection_string = node.banner_value("Connection string:");
+    let id_scope = node.banner_value("ID scope:");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tls-device-1");
+    let certificate = params.self_signed(&key).unwrap();
+    let service = client(&ca);
+    let base = format!("https://localhost:{port}");
+    let link = service
+        .put(format!("{base}/linkedHubs/hub1.example.net?api-version=2021-10-01"))
+        .header("Authorization", token(&connection_string))
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert!(link.status().is_success(), "{}", link.text().unwrap());
+    let enrolled = service
+        .put(format!("{base}/enrollments/tls-device-1?api-version=2021-10-01"))
+        .header("Authorization", token(&connection_string))
+        .json(&json!({"attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": certificate.pem()}}}}}))
+        .send()
+        .unwrap();
+    assert!(enrolled.status().is_success(), "{}", enrolled.text().unwrap());
+
+    let payload = r#"{"registrationId": "tls-device-1"}"#;
+    let register = format!(
+        "PUT /{id_scope}/registrations/tls-device-1/register?api-version=2021-06-01 HTTP/1.1\r\n\
+         Host: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{payload}",
+        payload.len()
+    );
+    let accepted = request_signed_with(port, &ca, &certificate, &key, &register).unwrap();
+    assert!(accepted.starts_with("HTTP/1.1 202"), "{accepted}");
+    let body: Value = serde_json::from_str(accepted.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let operation = body["operationId"].as_str().unwrap();
+    let poll = format!(
+        "GET /{id_scope}/registrations/tls-device-1/operations/{operation}?api-version=2021-06-01 HTTP/1.1\r\n\
+         Host: localhost\r\nConnection: close\r\n\r\n"
+    );
+    let mut assigned = false;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(200));
+        let polled = request_signed_with(port, &ca, &certificate, &key, &poll).unwrap();
+        if polled.starts_with("HTTP/1.1 200") {
+            assert!(polled.contains("\"status\":\"assigned\""), "{polled}");
+            assigned = true;
+            break;
+        }
+        assert!(polled.starts_with("HTTP/1.1 202"), "{polled}");
+    }
+    assert!(assigned, "the X.509 registration finished");
+
+    // The same certificate with a key the device does not hold: the server checks the
+    // handshake signature and ends the connection before any request is served.
+    let other = rcgen::KeyPair::generate().unwrap();
+    let refused = request_signed_with(port, &ca, &certificate, &other, &register);
+    let error = refused.unwrap_err();
+    assert!(error.contains("alert"), "{error}");
+    // The server keeps serving.
+    let again = request_signed_with(port, &ca, &certificate, &key, &register).unwrap();
+    assert!(again.starts_with("HTTP/1.1 202"), "{again}");
+    drop(node);
+}

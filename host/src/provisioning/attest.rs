@@ -46,13 +46,14 @@ fn unauthorized(why: impl Into<String>) -> ServiceError {
 }
 
 /// Checks what can be checked without the database: shape, resource, key name, expiry.
-/// MQTT uses it at CONNECT; the key is checked on every request.
-pub fn check_token(
+fn check_token(
     id_scope: &str,
     registration_id: &str,
     authorization: Option<&str>,
 ) -> Result<SasToken, ServiceError> {
-    let header = authorization.ok_or_else(|| unauthorized("the request carries no SAS token"))?;
+    let header = authorization.ok_or_else(|| {
+        unauthorized("the request carries neither a SAS token nor a TLS client certificate")
+    })?;
     let token = SasToken::parse(header).map_err(|e| unauthorized(e.to_string()))?;
     if let Some(name) = &token.key_name {
         if !name.eq_ignore_ascii_case("registration") {
