@@ -97,6 +97,7 @@ def build_cert(
     not_after: Optional[dt.datetime] = None,
     signer_key: Any = None,
     basic_constraints: bool = True,
+    organization: Optional[str] = None,
 ) -> Cert:
     """An ECDSA P-256 certificate with subject CN=cn (any length: the 64-character upper bound is
     not enforced here), self-signed when `issuer` is None. CAs get keyCertSign/cRLSign, leaves
@@ -106,7 +107,10 @@ def build_cert(
     key = ec.generate_private_key(ec.SECP256R1())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Attribute's length must be >= 1 and <= 64"
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False)])
+        attributes = [x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False)]
+        if organization is not None:
+            attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+        subject = x509.Name(attributes)
     now = _now()
     issuer_key_public = issuer.key.public_key() if issuer else key.public_key()
     builder = (
@@ -1104,3 +1108,46 @@ def test_rolling_primary_and_secondary_then_only_the_new_certificate(
     assert_hub_x509_identity(device_client, device_hub, reg_id, old.leaf)
     assert_assigned(https_register_and_wait(device_server, new), reg_id=reg_id, hub=device_hub)
     assert_hub_x509_identity(device_client, device_hub, reg_id, new.leaf)
+
+
+# --------------------------------------------------------------------------------------------
+# Certificate facts reach WebAssembly policies: the certificate-organization example policy
+# places a real X.509 device by the organization (O) of its certificate
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("websockets", TRANSPORTS)
+def test_certificate_organization_policy_places_a_real_x509_device_by_its_certificate(
+    device_server, device_client, res, tmp_path, websockets
+):
+    from helpers import link_record_hub, policy_component, upload_policy
+
+    r = upload_policy(device_client, "certificate-organization", policy_component("certificate-organization"))
+    assert r.status_code == 200, f"upload: {r.status_code} {r.text()!r}"
+    contoso = link_record_hub(device_client, "contoso-ltd-hub")
+    fabrikam = link_record_hub(device_client, "fabrikam-hub")
+    try:
+        root = build_ca("x509-org-root")
+        ca_name = res.ca(root, verified=True)
+        group_id = unique_id("x509-org-grp")
+        body = x509_group(group_id, contoso, ca_reference=ca_name)
+        body["iotHubs"] = [contoso, fabrikam]
+        body["allocationPolicy"] = "custom"
+        body["policyBinding"] = {"allocation": "certificate-organization"}
+        res.group(body)
+        leaf = build_cert(unique_id("x509-org-dev"), issuer=root, organization="Contoso Ltd.")
+        device = device_files(tmp_path, leaf, (root,))
+
+        run = sdk_x509_register(device_server, device, websockets=websockets)
+
+        assert_sdk_assigned(run, hub=contoso, device_id=device.reg_id, group_id=group_id)
+        hub_device = assert_hub_x509_identity(device_client, contoso, device.reg_id, leaf)
+        assert hub_device["twin"]["tags"]["organization"] == "Contoso Ltd.", hub_device
+
+        other = device_files(tmp_path, build_cert(unique_id("x509-org-dev"), issuer=root, organization="Fabrikam"),
+                             (root,))
+        run = sdk_x509_register(device_server, other, websockets=websockets)
+        assert_sdk_assigned(run, hub=fabrikam, device_id=other.reg_id, group_id=group_id)
+    finally:
+        for hub in (contoso, fabrikam):
+            raw(device_client, "DELETE", f"/linkedHubs/{hub}")
