@@ -10,7 +10,8 @@
 #   1. Toolchain: rustup target wasm32-wasip2, cargo-nextest (installed only if missing).
 #   2. PostgreSQL: a throwaway cluster on 127.0.0.1 (trust auth, temp dir, removed on exit);
 #      exports BERTH_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/berth_test.
-#   3. Python venv tests/conformance/.venv with tests/conformance/requirements.txt.
+#   3. Python venv tests/conformance/.venv with tests/conformance/requirements.txt, and the
+#      official Node device clients (npm ci in tests/conformance/node).
 #   4. WebAssembly components (tests/policies, policies), the policies' own tests,
 #      cargo build -p berth, cargo nextest run --workspace (Rust tests also use PostgreSQL),
 #      cargo fmt --check and cargo clippy -D warnings.
@@ -75,6 +76,9 @@ declare -a NEED=()
 command -v python3 >/dev/null || NEED+=(python3)
 if [[ ${BERTH_SKIP_CARGO:-0} != 1 ]]; then
   command -v cc >/dev/null || NEED+=(build-essential)
+  # host/tests/tpm_blob.rs checks the TPM blob against a software TPM.
+  command -v swtpm >/dev/null || NEED+=(swtpm swtpm-tools)
+  command -v tpm2_createek >/dev/null || NEED+=(tpm2-tools)
 fi
 if [[ ${#NEED[@]} -gt 0 ]]; then apt_install "${NEED[@]}"; fi
 # python3-venv: Debian splits ensurepip out of python3.
@@ -198,6 +202,23 @@ if [[ "$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)" != "$REQ_HASH" ]
   echo "$REQ_HASH" >"$VENV/.requirements.sha256"
 else
   info "requirements unchanged; skipping pip install"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 3b. The official Node device clients (AMQP, and TPM over HTTP/AMQP) for the conformance suite
+# ---------------------------------------------------------------------------------------------
+section "Node clients (tests/conformance/node)"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then apt_install nodejs npm; fi
+info "node $(node --version), npm $(npm --version)"
+NODE_DIR="$CONF_DIR/node"
+LOCK_HASH="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
+if [[ "$(cat "$NODE_DIR/node_modules/.lock.sha256" 2>/dev/null || true)" != "$LOCK_HASH" ]]; then
+  info "npm ci"
+  # ffi-napi (under the TPM client) needs -fpermissive to build on Node 20.
+  (cd "$NODE_DIR" && CXXFLAGS="-fpermissive" npm ci --no-audit --no-fund --loglevel=error)
+  echo "$LOCK_HASH" >"$NODE_DIR/node_modules/.lock.sha256"
+else
+  info "package-lock.json unchanged; skipping npm ci"
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ pub struct ServeArgs {
     /// MQTT-over-TLS port for devices (the SDKs expect 8883; 0 turns MQTT over TLS off).
     #[arg(long, env = "BERTH_MQTT_PORT")]
     pub mqtt_port: Option<u16>,
+    /// AMQP-over-TLS port for devices (the SDKs expect 5671; 0 turns AMQP over TLS off).
+    #[arg(long, env = "BERTH_AMQP_PORT")]
+    pub amqp_port: Option<u16>,
     /// Service-wide device registrations per minute (default: unlimited).
     #[arg(long, env = "BERTH_REGISTRATION_RATE")]
     pub registration_rate: Option<u32>,
@@ -100,6 +103,7 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     shutdown_grace: Option<u64>,
     mqtt_port: Option<u16>,
+    amqp_port: Option<u16>,
     registration_rate: Option<u32>,
     #[serde(default)]
     geo: Vec<String>,
@@ -143,6 +147,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// 0: MQTT over TLS is off.
     pub mqtt_port: u16,
+    /// 0: AMQP over TLS is off.
+    pub amqp_port: u16,
     pub registration_rate: Option<u32>,
     pub geo: crate::allocation::GeoMap,
     pub hub_ca_file: Option<PathBuf>,
@@ -196,6 +202,7 @@ impl ServeConfig {
                 args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30),
             ),
             mqtt_port: args.mqtt_port.or(file.mqtt_port).unwrap_or(8883),
+            amqp_port: args.amqp_port.or(file.amqp_port).unwrap_or(5671),
             registration_rate: args
                 .registration_rate
                 .or(file.registration_rate)

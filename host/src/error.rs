@@ -133,6 +133,17 @@ impl ServiceError {
         }
     }
 
+    /// The DPS error body devices receive (wire-protocol.md §3.8): over HTTPS, on the MQTT
+    /// response topic, and as the description of an AMQP rejection.
+    pub fn device_body(&self, tracking_id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "errorCode": self.error_code(),
+            "trackingId": tracking_id,
+            "message": self.to_string(),
+            "timestampUtc": crate::clock::now_utc(),
+        })
+    }
+
     /// The seed's `ResultType` log field (MON-06).
     pub fn result_type(&self) -> &'static str {
         if self.status() >= 500 {

@@ -15,7 +15,7 @@ use crate::hubs::driver::{HubDrivers, HubError};
 use crate::instance::{Instance, InstanceError};
 use crate::model::access::OWNER_POLICY;
 use crate::policy::PolicyEngine;
-use crate::protocol::{https, mqtt, tls};
+use crate::protocol::{amqp, https, mqtt, tls};
 use crate::provisioning::custom::Custom;
 use crate::provisioning::{Provisioning, ProvisioningSettings};
 use crate::service_api::{app, Audience, ServiceState};
@@ -29,8 +29,11 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Bind(#[from] https::BindError),
-    #[error("cannot listen on {address} for MQTT: {source}. Choose another port with --mqtt-port (or BERTH_MQTT_PORT), or 0 to turn MQTT over TLS off")]
-    MqttBind {
+    #[error("cannot listen on {address} for {protocol}: {source}. Choose another port with --{flag}-port (or BERTH_{env}_PORT), or 0 to turn {protocol} over TLS off")]
+    DeviceBind {
+        protocol: &'static str,
+        flag: &'static str,
+        env: &'static str,
         address: SocketAddr,
         source: std::io::Error,
     },
@@ -51,7 +54,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         config.tls_key.as_deref(),
     )?;
     let listener = https::bind(config.bind, config.https_port).await?;
-    let mqtt_listener = bind_mqtt(&config).await?;
+    let mqtt_listener = bind_device_port(&config, config.mqtt_port, "MQTT").await?;
+    let amqp_listener = bind_device_port(&config, config.amqp_port, "AMQP").await?;
     let metrics = Arc::new(Metrics::default());
     let drivers = HubDrivers::new(
         instance.store.clone(),
@@ -87,11 +91,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         provisioning: provisioning.clone(),
         max_ca_certificates: config.max_ca_certificates,
     });
-    print_banner(&instance, identity.ca_file.as_deref(), config.mqtt_port).await?;
+    print_banner(
+        &instance,
+        identity.ca_file.as_deref(),
+        config.mqtt_port,
+        config.amqp_port,
+    )
+    .await?;
     tracing::info!(
         id_scope = instance.id_scope.as_str(),
         https_port = config.https_port,
         mqtt_port = config.mqtt_port,
+        amqp_port = config.amqp_port,
         backend = ?instance.store.backend(),
         "berth is serving"
     );
@@ -100,13 +111,22 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
+    // MQTT and AMQP clients may offer ALPN values of their own; answer without ALPN.
+    let mut device_tls = (*identity.config).clone();
+    device_tls.alpn_protocols.clear();
+    let device_tls = Arc::new(device_tls);
     if let Some(mqtt_listener) = mqtt_listener {
-        let mut mqtt_tls = (*identity.config).clone();
-        // MQTT clients may offer ALPN values of their own; answer without ALPN.
-        mqtt_tls.alpn_protocols.clear();
         tokio::spawn(mqtt::run_listener(
             mqtt_listener,
-            Arc::new(mqtt_tls),
+            device_tls.clone(),
+            provisioning.clone(),
+            stopped_signal(stopped.clone()),
+        ));
+    }
+    if let Some(amqp_listener) = amqp_listener {
+        tokio::spawn(amqp::run_listener(
+            amqp_listener,
+            device_tls,
             provisioning,
             stopped_signal(stopped.clone()),
         ));
@@ -128,27 +148,46 @@ async fn stopped_signal(mut receiver: watch::Receiver<bool>) {
     let _ = receiver.wait_for(|stop| *stop).await;
 }
 
-async fn bind_mqtt(config: &ServeConfig) -> Result<Option<TcpListener>, StartError> {
-    if config.mqtt_port == 0 {
+/// Binds a device port (MQTT 8883, AMQP 5671); `None` when the port is 0 (turned off).
+async fn bind_device_port(
+    config: &ServeConfig,
+    port: u16,
+    protocol: &'static str,
+) -> Result<Option<TcpListener>, StartError> {
+    if port == 0 {
         return Ok(None);
     }
+    let (flag, env) = if protocol == "MQTT" {
+        ("mqtt", "MQTT")
+    } else {
+        ("amqp", "AMQP")
+    };
     let candidates = match config.bind {
-        Some(ip) => vec![SocketAddr::new(ip, config.mqtt_port)],
+        Some(ip) => vec![SocketAddr::new(ip, port)],
         None => vec![
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), config.mqtt_port),
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.mqtt_port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
         ],
+    };
+    let failed = |address, source| StartError::DeviceBind {
+        protocol,
+        flag,
+        env,
+        address,
+        source,
     };
     let mut last = None;
     for address in candidates {
         match TcpListener::bind(address).await {
             Ok(listener) => return Ok(Some(listener)),
-            Err(source) => last = Some(StartError::MqttBind { address, source }),
+            Err(source) => last = Some(failed(address, source)),
         }
     }
-    Err(last.unwrap_or(StartError::MqttBind {
-        address: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.mqtt_port),
-        source: std::io::Error::other("no address to bind"),
+    Err(last.unwrap_or_else(|| {
+        failed(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            std::io::Error::other("no address to bind"),
+        )
     }))
 }
 
@@ -156,6 +195,7 @@ async fn print_banner(
     instance: &Instance,
     ca_file: Option<&std::path::Path>,
     mqtt_port: u16,
+    amqp_port: u16,
 ) -> Result<(), StartError> {
     let endpoint = format!("https://{}", instance.service_authority());
     let connection_string = instance
@@ -182,11 +222,20 @@ async fn print_banner(
             instance.host_name
         )
     };
+    let amqp = if amqp_port == 0 {
+        "off".to_owned()
+    } else {
+        format!(
+            "amqps://{}:{amqp_port}, and AMQP over WebSocket on the HTTPS port",
+            instance.host_name
+        )
+    };
     println!(
         "Berth {version} is serving.\n\
          \x20 ID scope:           {scope}\n\
          \x20 Device endpoint:    {endpoint}  (the SDKs' provisioning host: {host})\n\
          \x20 MQTT endpoint:      {mqtt}\n\
+         \x20 AMQP endpoint:      {amqp}\n\
          \x20 Service endpoint:   {endpoint}\n\
          \x20 Connection string:  {connection_string}\n\
          \x20 Trust this CA:      {trust}\n\

@@ -42,6 +42,7 @@ impl Node {
             ])
             .arg(data_dir)
             .args(["--mqtt-port", &free_port().to_string()])
+            .args(["--amqp-port", &free_port().to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         for (key, value) in env {
@@ -241,7 +242,7 @@ fn a_port_that_cannot_be_bound_is_named_with_the_way_out() {
             "--data-dir",
         ])
         .arg(dir.path())
-        .args(["--mqtt-port", "0"])
+        .args(["--mqtt-port", "0", "--amqp-port", "0"])
         .output()
         .unwrap();
     assert!(!output.status.success());
@@ -381,7 +382,7 @@ fn two_nodes_on_one_postgres_see_each_others_writes() {
             "--data-dir",
         ])
         .arg(dir_c.path())
-        .args(["--mqtt-port", "0"])
+        .args(["--mqtt-port", "0", "--amqp-port", "0"])
         .env("BERTH_DATABASE_URL", &url)
         .env("BERTH_SECRET_KEY", &other)
         .output()
@@ -654,10 +655,9 @@ fn request_signed_with(
     let mut response = Vec::new();
     match stream.read_to_end(&mut response) {
         Ok(_) => Ok(String::from_utf8_lossy(&response).into_owned()),
-        Err(e) if !response.is_empty() => Err(format!(
-            "{e} after {}",
-            String::from_utf8_lossy(&response)
-        )),
+        Err(e) if !response.is_empty() => {
+            Err(format!("{e} after {}", String::from_utf8_lossy(&response)))
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -680,7 +680,9 @@ fn an_x509_device_registers_over_https_and_one_without_its_key_fails_the_handsha
     let service = client(&ca);
     let base = format!("https://localhost:{port}");
     let link = service
-        .put(format!("{base}/linkedHubs/hub1.example.net?api-version=2021-10-01"))
+        .put(format!(
+            "{base}/linkedHubs/hub1.example.net?api-version=2021-10-01"
+        ))
         .header("Authorization", token(&connection_string))
         .json(&json!({}))
         .send()
@@ -692,7 +694,11 @@ fn an_x509_device_registers_over_https_and_one_without_its_key_fails_the_handsha
         .json(&json!({"attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": certificate.pem()}}}}}))
         .send()
         .unwrap();
-    assert!(enrolled.status().is_success(), "{}", enrolled.text().unwrap());
+    assert!(
+        enrolled.status().is_success(),
+        "{}",
+        enrolled.text().unwrap()
+    );
 
     let payload = r#"{"registrationId": "tls-device-1"}"#;
     let register = format!(

@@ -5,7 +5,8 @@ port with a temporary data directory, talked to through the official Python serv
 (azure-iot-deviceprovisioning).
 
 Device API: a second `berth serve` (`device_server` fixture) on the fixed ports the official
-Python device SDK hard-codes (443 for HTTPS and MQTT over WebSocket, 8883 for MQTT over TLS), with
+device SDKs hard-code (443 for HTTPS and MQTT/AMQP over WebSocket, 8883 for MQTT over TLS, 5671
+for AMQP over TLS), with
 its own data directory and, in PostgreSQL mode, its own database. Started only when a device test
 runs; it fails (never skips) when those ports cannot be bound.
 
@@ -18,6 +19,7 @@ Environment:
   BERTH_STARTUP_TIMEOUT      seconds to wait for /healthz (default 30)
   BERTH_DEVICE_HTTPS_PORT    HTTPS port of the device server (default 443; the SDK needs 443)
   BERTH_DEVICE_MQTT_PORT     MQTT port of the device server (default 8883; the SDK needs 8883)
+  BERTH_DEVICE_AMQP_PORT     AMQP port of the device server (default 5671; the SDKs need 5671)
 """
 
 from __future__ import annotations
@@ -309,6 +311,9 @@ def berth(tmp_path_factory) -> Berth:
     # 8883 away from `device_server`.
     if _serve_supports(_berth_bin(), "--mqtt-port"):
         serve_args = ("--mqtt-port", str(_free_port()))
+    # Likewise for AMQP: never take 5671 away from `device_server`.
+    if _serve_supports(_berth_bin(), "--amqp-port"):
+        serve_args += ("--amqp-port", str(_free_port()))
     with _running_berth(tmp_path_factory, name="berth", https_port=_free_port(), serve_args=serve_args) as server:
         yield server
 
@@ -383,13 +388,15 @@ def device_server(tmp_path_factory) -> DeviceBerth:
     data directory and (PostgreSQL mode) its own fresh database."""
     https_port = int(os.environ.get("BERTH_DEVICE_HTTPS_PORT", "443"))
     mqtt_port = int(os.environ.get("BERTH_DEVICE_MQTT_PORT", "8883"))
+    amqp_port = int(os.environ.get("BERTH_DEVICE_AMQP_PORT", "5671"))
     _assert_can_bind(https_port)
     _assert_can_bind(mqtt_port)
+    _assert_can_bind(amqp_port)
     with _running_berth(
         tmp_path_factory,
         name="berth-device",
         https_port=https_port,
-        serve_args=("--mqtt-port", str(mqtt_port)),
+        serve_args=("--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port)),
         cls=DeviceBerth,
         mqtt_port=mqtt_port,
     ) as server:

@@ -28,9 +28,19 @@ pub struct RegistrationState {
     pub etag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// TPM devices: the blob holding the key the device uses with its hub (§7.3 step 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmRegistrationResult>,
     /// X.509 devices (wire-protocol.md §3.5); `certificateInfo` is left out, as is safest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509: Option<X509RegistrationResult>,
+}
+
+/// The `tpm` part of a registration result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmRegistrationResult {
+    pub authentication_key: String,
 }
 
 /// The `x509` part of a registration result.

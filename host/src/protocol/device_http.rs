@@ -159,6 +159,22 @@ pub async fn handle(
                 api_version: version.as_deref(),
                 certificates,
             };
+            // A TPM device's first request: its keys and no credential (§7.3).
+            if let Some(tpm) = registration.tpm.as_ref().filter(|t| !t.is_null()) {
+                if authorization.is_none() && certificates.is_none_or(<[_]>::is_empty) {
+                    let presented = crate::provisioning::tpm::Presented::from_body(tpm)?;
+                    let blob = provisioning.tpm_challenge(call, &presented).await?;
+                    return Ok(json_response(
+                        StatusCode::UNAUTHORIZED,
+                        &serde_json::json!({
+                            "authenticationKey": blob,
+                            "keyName": "registration",
+                            "message": "Authorization required, resend request using supplied key",
+                        }),
+                        false,
+                    ));
+                }
+            }
             let status = provisioning.register(call, registration).await?;
             Ok(json_response(StatusCode::ACCEPTED, &status, true))
         }

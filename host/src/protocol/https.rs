@@ -100,6 +100,9 @@ pub async fn run(
                         continue;
                     }
                 };
+                // Requests and answers are small writes; Nagle would hold an answer written
+                // after a PUBACK or TLS tickets until the peer's delayed ACK (~40 ms).
+                let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 let builder = builder.clone();
@@ -116,7 +119,7 @@ pub async fn run(
                             return;
                         }
                     };
-                    let certificates = crate::protocol::mqtt::peer_chain(stream.get_ref().1).map(ClientCertificates);
+                    let certificates = crate::protocol::tls::peer_chain(stream.get_ref().1).map(ClientCertificates);
                     let service = app.map_request(move |mut request: hyper::Request<Incoming>| {
                         request.extensions_mut().insert(ClientAddr(peer));
                         if let Some(certificates) = &certificates {

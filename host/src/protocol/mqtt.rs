@@ -17,21 +17,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::FromRequestParts as _;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
-use futures_util::{SinkExt as _, StreamExt as _};
 use percent_encoding::percent_decode_str;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::error::ServiceError;
 use crate::provisioning::{
@@ -41,7 +38,6 @@ use crate::provisioning::{
 /// The largest packet accepted: a 96 KB body plus topic and headers.
 const MAX_PACKET: usize = 96 * 1024 + 2048;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle limit when the client asks for no keep-alive (keep-alive 0).
 const IDLE_LIMIT: Duration = Duration::from_secs(300);
 const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
@@ -53,35 +49,22 @@ pub async fn run_listener(
     provisioning: Arc<Provisioning>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        tracing::warn!(error = %error, "MQTT accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let provisioning = provisioning.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let certificates = peer_chain(stream.get_ref().1);
-                            session(stream, provisioning, Protocol::Mqtt, Some(peer), certificates).await;
-                        }
-                        Ok(Err(error)) => tracing::debug!(error = %error, peer = %peer, "MQTT TLS handshake failed"),
-                        Err(_) => tracing::debug!(peer = %peer, "MQTT TLS handshake timed out"),
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
+    super::tls::serve_device_port(
+        "MQTT",
+        listener,
+        tls,
+        shutdown,
+        move |stream, peer, chain| {
+            session(
+                stream,
+                provisioning.clone(),
+                Protocol::Mqtt,
+                Some(peer),
+                chain,
+            )
+        },
+    )
+    .await;
 }
 
 /// Upgrades an HTTPS request with `Upgrade: websocket` to an MQTT session, echoing the
@@ -91,15 +74,7 @@ pub async fn websocket(
     mut parts: Parts,
     peer: Option<std::net::IpAddr>,
 ) -> Response {
-    let offered = parts
-        .headers
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|token| token.eq_ignore_ascii_case("mqtt"))
-        .map(str::to_owned);
+    let offered = super::websocket::offered_subprotocol(&parts.headers, "mqtt");
     let Some(token) = offered else {
         let error =
             ServiceError::invalid("WebSocket connections must offer the 'mqtt' subprotocol");
@@ -120,48 +95,17 @@ pub async fn websocket(
         .on_upgrade(move |socket| bridge(socket, provisioning, peer, certificates))
 }
 
-/// Carries the MQTT byte stream between WebSocket binary frames and a session.
+/// An MQTT session over a WebSocket: the frames are bridged into the same session code.
 async fn bridge(
     socket: WebSocket,
     provisioning: Arc<Provisioning>,
     peer: Option<SocketAddr>,
     certificates: Option<Arc<Vec<Vec<u8>>>>,
 ) {
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    let session_task = tokio::spawn(session(
-        theirs,
-        provisioning,
-        Protocol::MqttWs,
-        peer,
-        certificates,
-    ));
-    let (mut sink, mut stream) = socket.split();
-    let (mut from_session, mut to_session) = tokio::io::split(ours);
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        tokio::select! {
-            message = stream.next() => match message {
-                Some(Ok(Message::Binary(bytes))) => {
-                    if to_session.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                // Text frames are not MQTT; close frames and errors end the connection.
-                Some(Ok(Message::Text(_) | Message::Close(_)) | Err(_)) | None => break,
-            },
-            read = from_session.read(&mut buffer) => match read {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sink.send(Message::Binary(buffer[..n].to_vec().into())).await.is_err() {
-                        break;
-                    }
-                }
-            },
-        }
-    }
-    let _ = sink.close().await;
-    session_task.abort();
+    super::websocket::bridge(socket, move |stream| {
+        session(stream, provisioning, Protocol::MqttWs, peer, certificates)
+    })
+    .await;
 }
 
 /// Why a session ended early; only logged.
@@ -346,13 +290,6 @@ fn parse_connect_version(buffer: &[u8]) -> Option<(&[u8], u8)> {
     let name = buffer.get(at + 2..at + 2 + length)?;
     let level = *buffer.get(at + 2 + length)?;
     Some((name, level))
-}
-
-/// The chain a client presented in the TLS handshake (its signature already verified).
-pub fn peer_chain(connection: &rustls::ServerConnection) -> Option<Arc<Vec<Vec<u8>>>> {
-    connection
-        .peer_certificates()
-        .map(|chain| Arc::new(chain.iter().map(|c| c.to_vec()).collect()))
 }
 
 /// Serves one MQTT connection to its end. `certificates`: the client's TLS certificate
@@ -586,12 +523,7 @@ async fn answer(
                 ServiceError::Throttled { retry_after, .. } => Some(*retry_after),
                 _ => None,
             };
-            let body = json!({
-                "errorCode": error.error_code(),
-                "trackingId": tracking_id,
-                "message": error.to_string(),
-                "timestampUtc": crate::clock::now_utc(),
-            });
+            let body = error.device_body(&tracking_id);
             (
                 rid,
                 error.status(),

@@ -69,6 +69,9 @@ pub fn load_or_create(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, private_key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Devices connect a few times in their life and the SDKs do not resume TLS 1.3 sessions;
+    // tickets would cost every handshake an encryption and a separate write.
+    config.send_tls13_tickets = 0;
     Ok(TlsIdentity {
         config: Arc::new(config),
         ca_file,
@@ -221,5 +224,69 @@ impl rustls::server::danger::ClientCertVerifier for RequestClientCertificate {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// Longest time a device may take to finish the TLS handshake on a device port.
+const DEVICE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The chain a client presented in the TLS handshake (its signature already verified).
+pub fn peer_chain(connection: &rustls::ServerConnection) -> Option<Arc<Vec<Vec<u8>>>> {
+    connection
+        .peer_certificates()
+        .map(|chain| Arc::new(chain.iter().map(|c| c.to_vec()).collect()))
+}
+
+/// Accepts TLS connections on a device port (MQTT 8883, AMQP 5671) until `shutdown`
+/// resolves; each finished handshake goes to `serve` with the peer and its certificate chain.
+pub async fn serve_device_port<F, Fut>(
+    protocol: &'static str,
+    listener: tokio::net::TcpListener,
+    tls: Arc<ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+    serve: F,
+) where
+    F: Fn(
+            tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            std::net::SocketAddr,
+            Option<Arc<Vec<Vec<u8>>>>,
+        ) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %error, protocol, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Requests and answers are small writes; Nagle would hold an answer written
+                // after a PUBACK until the peer's delayed ACK (~40 ms).
+                let _ = stream.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let serve = serve.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(DEVICE_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let certificates = peer_chain(stream.get_ref().1);
+                            serve(stream, peer, certificates).await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(error = %error, peer = %peer, protocol, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(peer = %peer, protocol, "TLS handshake timed out"),
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
     }
 }

@@ -7,6 +7,8 @@
 //!   when it is enabled, only its own keys are accepted;
 //! - a disabled individual enrollment blocks the device even when a group would accept it
 //!   (DIS-08/09): a device proving either key gets status `disabled`;
+//! - a TPM device's token must be signed with the key K its last challenge issued (see
+//!   `provisioning::tpm`);
 //! - otherwise the groups: the one the device registered through before first (its record
 //!   names it), then every symmetric-key group, with keys derived from the group's primary
 //!   and secondary keys.
@@ -113,6 +115,9 @@ pub async fn attest(
         .enrollment(EnrollmentKind::Individual, registration_id)
         .await?;
     if let Some(row) = &individual {
+        if row.record.attestation_type() == AttestationType::Tpm {
+            return attest_tpm(store, registration_id, &token, row).await;
+        }
         let symmetric = row.record.attestation_type() == AttestationType::SymmetricKey;
         if symmetric && signed_by_any(&token, row.record.keys.as_ref()) {
             return Ok(Attested {
@@ -166,6 +171,32 @@ pub async fn attest(
     } else {
         "no enrollment accepts this device"
     }))
+}
+
+/// A TPM device signs with the key K its last challenge issued (wire-protocol.md §7.3); that
+/// key also goes to the hub.
+async fn attest_tpm(
+    store: &Store,
+    registration_id: &str,
+    token: &SasToken,
+    row: &EnrollmentRow,
+) -> Result<Attested, ServiceError> {
+    let (key, _) = super::tpm::issued_key(store, registration_id).await?;
+    if !signed_by(token, Some(&key)) {
+        return Err(unauthorized(
+            "the SAS token is not signed with the key issued to this TPM in its last challenge",
+        ));
+    }
+    Ok(Attested {
+        kind: EnrollmentKind::Individual,
+        device_keys: SymmetricKeys {
+            primary_key: Some(key.clone()),
+            secondary_key: Some(key),
+        },
+        disabled: disabled(row),
+        enrollment: row.clone(),
+        certificate: None,
+    })
 }
 
 /// The group attests the device when the token is signed with a key derived from one of the

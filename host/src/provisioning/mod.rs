@@ -12,6 +12,7 @@ pub mod attest;
 pub mod custom;
 pub mod plan;
 mod throttle;
+pub mod tpm;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -44,6 +45,8 @@ pub enum Protocol {
     Http,
     Mqtt,
     MqttWs,
+    Amqp,
+    AmqpWs,
 }
 
 impl Protocol {
@@ -52,6 +55,8 @@ impl Protocol {
             Self::Http => "Http",
             Self::Mqtt => "Mqtt",
             Self::MqttWs => "MqttWs",
+            Self::Amqp => "Amqp",
+            Self::AmqpWs => "AmqpWs",
         }
     }
 }
@@ -141,7 +146,16 @@ pub struct Provisioning {
     throttle: Throttle,
     metrics: Arc<Metrics>,
     custom: Arc<custom::Custom>,
+    /// Operations this node is assigning, so that a poll can wait for the outcome instead of
+    /// answering `assigning` and being polled again (each poll costs an attestation).
+    running:
+        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>>,
 }
+
+/// How long a poll waits for an assignment running on this node before it answers
+/// `assigning`; below the 3-second `retry-after`, so a device never waits longer than it
+/// would have between polls.
+const POLL_WAIT: Duration = Duration::from_secs(2);
 
 fn new_operation_id() -> String {
     let mut bytes = [0u8; 8];
@@ -178,6 +192,7 @@ impl Provisioning {
             throttle: Throttle::new(settings.registrations_per_minute),
             metrics,
             custom,
+            running: std::sync::Mutex::default(),
         }
     }
 
@@ -261,6 +276,13 @@ impl Provisioning {
                 )));
             }
         }
+        if body.tpm.as_ref().is_some_and(|t| !t.is_null())
+            && matches!(call.protocol, Protocol::Mqtt | Protocol::MqttWs)
+        {
+            return Err(ServiceError::invalid(
+                "TPM attestation is not available over MQTT (as in DPS); register over HTTPS or AMQP",
+            ));
+        }
         self.throttle.admit_registration()?;
         let attested = self.attest(&call).await?;
         let operation_id = new_operation_id();
@@ -288,8 +310,49 @@ impl Provisioning {
         self.store.insert_operation(&row).await?;
         let this = Arc::clone(self);
         let id = operation_id.clone();
-        tokio::spawn(async move { this.process(&id).await });
+        let (done, running) = tokio::sync::watch::channel(false);
+        if let Ok(mut map) = self.running.lock() {
+            map.insert(operation_id.clone(), running);
+        }
+        tokio::spawn(async move {
+            this.process(&id).await;
+            if let Ok(mut map) = this.running.lock() {
+                map.remove(&id);
+            }
+            let _ = done.send(true);
+        });
         Ok(assigning(&operation_id, call.registration_id))
+    }
+
+    /// The TPM challenge (wire-protocol.md §7.3): for a register request with the device's
+    /// TPM keys and no credential. Returns the `authenticationKey` blob (Base64).
+    pub async fn tpm_challenge(
+        &self,
+        call: DeviceCall<'_>,
+        presented: &tpm::Presented,
+    ) -> Result<String, ServiceError> {
+        self.check_call(&call)?;
+        self.throttle.admit_registration()?;
+        let outcome = tpm::challenge(&self.store, call.registration_id, presented).await;
+        if let Err(error) = &outcome {
+            device_log(
+                "AttestationAttempt",
+                "Failure",
+                error.status(),
+                Some(&error.to_string()),
+                Instant::now(),
+                &call,
+                None,
+            );
+        }
+        outcome
+    }
+
+    /// Checks a device's credentials without registering it: the AMQP transport
+    /// authenticates in SASL, before any request (wire-protocol.md §6.2).
+    pub async fn authenticate(&self, call: DeviceCall<'_>) -> Result<(), ServiceError> {
+        self.check_call(&call)?;
+        self.attest(&call).await.map(|_| ())
     }
 
     /// Operation status lookup (§3.1): assigning, or the final state.
@@ -302,6 +365,14 @@ impl Provisioning {
         self.throttle.admit_poll(call.registration_id)?;
         self.attest(&call).await?;
         let not_found = || ServiceError::not_found(NotFoundKind::Operation, operation_id);
+        let running = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|map| map.get(operation_id).cloned());
+        if let Some(mut running) = running {
+            let _ = tokio::time::timeout(POLL_WAIT, running.wait_for(|done| *done)).await;
+        }
         let mut row = self
             .store
             .operation(operation_id)
@@ -494,9 +565,23 @@ impl Provisioning {
             };
             return Ok(Some((state, None)));
         }
+        let mut tpm_blob = None;
         let device_keys = match kind {
             _ if request.certificate.is_some() => {
                 crate::model::enrollment::SymmetricKeys::default()
+            }
+            EnrollmentKind::Individual
+                if enrollment.record.attestation_type()
+                    == crate::model::enrollment::AttestationType::Tpm =>
+            {
+                let (key, blob) = tpm::issued_key(&self.store, &registration_id)
+                    .await
+                    .map_err(|e| (Some(request.clone()), e.error_code(), e.to_string()))?;
+                tpm_blob = Some(blob);
+                crate::model::enrollment::SymmetricKeys {
+                    primary_key: Some(key.clone()),
+                    secondary_key: Some(key),
+                }
             }
             EnrollmentKind::Individual => enrollment.record.keys.clone().unwrap_or_default(),
             EnrollmentKind::Group => {
@@ -668,6 +753,9 @@ impl Provisioning {
             substatus: Some(decision.substatus.to_owned()),
             last_updated_date_time_utc: Some(now),
             payload: custom_decision.and_then(|d| d.payload),
+            tpm: tpm_blob.map(|authentication_key| {
+                crate::model::registration::TpmRegistrationResult { authentication_key }
+            }),
             x509: request.certificate.as_ref().map(|_| {
                 crate::model::registration::X509RegistrationResult {
                     enrollment_group_id: (kind == EnrollmentKind::Group)

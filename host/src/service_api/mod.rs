@@ -688,6 +688,10 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
     {
+        if crate::protocol::amqp::wants_websocket(&parts.headers) {
+            return crate::protocol::amqp::websocket(state.provisioning.clone(), parts, caller)
+                .await;
+        }
         return crate::protocol::mqtt::websocket(state.provisioning.clone(), parts, caller).await;
     }
     if let Some(device_route) = crate::protocol::device_http::route(&parts.method, &path) {
@@ -958,6 +962,10 @@ mod device_tests;
 mod policy_tests;
 
 #[cfg(test)]
+mod amqp_tests;
+#[cfg(test)]
 mod certificate_tests;
+#[cfg(test)]
+mod tpm_tests;
 #[cfg(test)]
 mod x509_tests;

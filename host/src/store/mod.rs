@@ -1200,6 +1200,39 @@ impl Store {
         rows.iter().map(|r| self.enrollment_from_row(r)).collect()
     }
 
+    // ---- TPM keys ------------------------------------------------------------------------
+
+    /// Remembers the key K (Base64) and the blob that delivered it to a TPM device,
+    /// replacing the previous ones: every challenge rolls the key.
+    pub async fn put_tpm_key(&self, registration_id: &str, key: &str, blob: &str) -> Result<()> {
+        let _gate = self.gate().await;
+        sqlx::query(
+            "INSERT INTO tpm_keys (registration_key, sealed_key, blob, created) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (registration_key) DO UPDATE SET sealed_key = excluded.sealed_key, \
+             blob = excluded.blob, created = excluded.created",
+        )
+        .bind(registration_id.to_ascii_lowercase())
+        .bind(self.sealer.seal(key))
+        .bind(blob)
+        .bind(crate::clock::unix_now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The key K (Base64) and blob last issued to a TPM device.
+    pub async fn tpm_key(&self, registration_id: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query("SELECT sealed_key, blob FROM tpm_keys WHERE registration_key = $1")
+            .bind(registration_id.to_ascii_lowercase())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let key = self.sealer.open(&r.try_get::<String, _>("sealed_key")?)?;
+            Ok((key, r.try_get::<String, _>("blob")?))
+        })
+        .transpose()
+    }
+
     // ---- the record hub driver's registry ----------------------------------------------
 
     pub async fn hub_device(&self, hub: &str, device_id: &str) -> Result<Option<HubDeviceRow>> {
