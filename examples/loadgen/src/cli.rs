@@ -28,6 +28,10 @@ pub struct Args {
     #[arg(long)]
     pub mqtt_port: Option<u16>,
 
+    /// Berth's AMQP-over-TLS port on the target's host (needed by --transport amqp).
+    #[arg(long)]
+    pub amqp_port: Option<u16>,
+
     /// The ID scope devices register in (`berth id-scope --data-dir D`, or the "ID scope:"
     /// line of `berth serve`).
     #[arg(long)]
@@ -145,6 +149,8 @@ pub enum Transport {
     HttpsKeepalive,
     /// MQTT 3.1.1 over TLS, a connection per device.
     Mqtt,
+    /// AMQP 1.0 over TLS, a connection per device.
+    Amqp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -192,6 +198,7 @@ impl Transport {
             Self::Https => "https",
             Self::HttpsKeepalive => "https-keepalive",
             Self::Mqtt => "mqtt",
+            Self::Amqp => "amqp",
         }
     }
 }
@@ -316,6 +323,7 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
 pub struct Settings {
     pub target: Target,
     pub mqtt: Option<SocketAddr>,
+    pub amqp: Option<SocketAddr>,
     pub id_scope: String,
     pub devices: u64,
     pub attestation: Attestation,
@@ -342,11 +350,19 @@ impl Settings {
             (_, Some(port)) => Some(SocketAddr::new(target.ip, port)),
             (_, None) => None,
         };
+        let amqp = match (args.transport, args.amqp_port) {
+            (Transport::Amqp, None) => {
+                return Err("--transport amqp needs --amqp-port".to_owned());
+            }
+            (_, Some(0)) => return Err("--amqp-port must not be 0".to_owned()),
+            (_, Some(port)) => Some(SocketAddr::new(target.ip, port)),
+            (_, None) => None,
+        };
         if args.attestation == Attestation::X509 && args.transport == Transport::HttpsKeepalive {
             return Err(
                 "--transport https-keepalive shares connections among devices, which X.509 \
                  devices cannot do: their TLS client certificate is their identity. Use \
-                 --transport https (a connection per device) or mqtt"
+                 --transport https (a connection per device), mqtt or amqp"
                     .to_owned(),
             );
         }
@@ -372,6 +388,7 @@ impl Settings {
         Ok(Self {
             target,
             mqtt,
+            amqp,
             id_scope,
             devices: args.devices,
             attestation: args.attestation,
@@ -430,6 +447,35 @@ mod tests {
         assert!(parse_target("https://127.0.0.1:0").is_err());
         assert!(parse_target("https://127.0.0.1:8443/x").is_err());
         assert!(parse_target("https://user@127.0.0.1:8443").is_err());
+    }
+
+    #[test]
+    fn amqp_needs_its_port_and_takes_both_attestations() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "berth-loadgen",
+                "--target",
+                "https://127.0.0.1:8443",
+                "--id-scope",
+                "0ne00000001",
+                "--connection-string",
+                "HostName=h;SharedAccessKeyName=p;SharedAccessKey=AA==",
+                "--ca",
+                "ca.pem",
+                "--transport",
+                "amqp",
+            ];
+            argv.extend_from_slice(extra);
+            Settings::from_args(&Args::try_parse_from(argv).unwrap(), "p".to_owned())
+        };
+        assert!(parse(&[]).unwrap_err().contains("--amqp-port"));
+        assert!(parse(&["--amqp-port", "0"]).is_err());
+        let settings = parse(&["--amqp-port", "8672", "--attestation", "x509"]).unwrap();
+        assert_eq!(
+            settings.amqp,
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8672))
+        );
+        assert_eq!(settings.transport.as_str(), "amqp");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! One simulated device: register, poll until a final answer, over HTTPS (its own connection
-//! or a shared kept-alive one) or MQTT. The register/poll logic is the same for every
+//! or a shared kept-alive one), MQTT or AMQP. The register/poll logic is the same for every
 //! transport; only [`Link::request`] differs.
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
+use crate::amqp::AmqpLink;
 use crate::certs::DeviceCertificate;
 use crate::cli::{Poll, Settings, Transport};
 use crate::http::{self, Endpoint, Pool};
@@ -38,8 +39,9 @@ pub enum DpsRequest<'a> {
     Poll(&'a str),
 }
 
-/// An answer in transport-neutral form: HTTP status (or the MQTT topic's status), the
-/// retry-after the server sent, the JSON body.
+/// An answer in transport-neutral form: HTTP status (or the MQTT topic's status; over AMQP
+/// 202 for `assigning`, 200 for other answers, and for a rejected request the status of its
+/// `errorCode`), the retry-after the server sent, the JSON body.
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
@@ -86,6 +88,7 @@ enum Link<'a> {
     Dedicated(http::Dedicated<'a>),
     Pooled(&'a Pool),
     Mqtt(Box<MqttLink>),
+    Amqp(Box<AmqpLink>),
 }
 
 impl Link<'_> {
@@ -102,6 +105,7 @@ impl Link<'_> {
             Link::Dedicated(connection) => connection.send(make).await?,
             Link::Pooled(pool) => pool.send(make).await?,
             Link::Mqtt(link) => return link.request(&request, &body).await,
+            Link::Amqp(link) => return link.request(&request, &body).await,
         };
         Ok(Answer {
             status: reply.status,
@@ -294,6 +298,15 @@ pub async fn run(context: Arc<Context>, index: u64) -> DeviceResult {
             &registration_id,
             token.clone(),
         ))),
+        Transport::Amqp => Link::Amqp(Box::new(AmqpLink::new(
+            settings.amqp.unwrap_or_else(|| settings.target.https()),
+            config,
+            context.endpoint.tls.server_name.clone(),
+            settings.request_timeout,
+            &settings.id_scope,
+            &registration_id,
+            token.clone(),
+        ))),
     };
     let started = Instant::now();
     let flow = register_and_poll(
@@ -308,8 +321,10 @@ pub async fn run(context: Arc<Context>, index: u64) -> DeviceResult {
         Ok(Err(failure)) => Err(failure),
         Err(_) => Err(Failure::timeout("device", settings.device_timeout)),
     };
-    if let Link::Mqtt(link) = link {
-        link.close().await;
+    match link {
+        Link::Mqtt(link) => link.close().await,
+        Link::Amqp(link) => link.close().await,
+        Link::Dedicated(_) | Link::Pooled(_) => {}
     }
     DeviceResult {
         index,

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod amqp;
 mod certs;
 mod cli;
 mod device;
@@ -373,6 +374,7 @@ async fn run(args: Args) -> Result<ExitCode, RunError> {
         settings: SettingsUsed {
             target: args.target.clone(),
             mqtt_port: args.mqtt_port,
+            amqp_port: args.amqp_port,
             id_scope: settings.id_scope.clone(),
             attestation: settings.attestation.as_str(),
             transport: settings.transport.as_str(),

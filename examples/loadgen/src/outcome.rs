@@ -5,8 +5,9 @@ use std::fmt;
 /// A kind of failure; the report counts devices per kind. Ordered for a stable report.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FailureKind {
-    /// An answer with an HTTP status (or MQTT response status) that is an error, with the DPS
-    /// `errorCode` of its body when it had one.
+    /// An answer with an HTTP status (or MQTT response status, or for a rejected AMQP request
+    /// the status of its `errorCode`) that is an error, with the DPS `errorCode` of its body
+    /// when it had one.
     Status {
         status: u16,
         error_code: Option<i64>,
@@ -18,6 +19,9 @@ pub enum FailureKind {
     },
     /// The MQTT CONNECT was refused with this CONNACK return code.
     MqttRefused(u8),
+    /// AMQP SASL ended with this outcome code instead of `ok` (1 = `auth`: the credential
+    /// was refused).
+    SaslOutcome(u8),
     /// Still `assigning` after the last poll the run allows.
     PollsExhausted,
     /// No TCP connection.
@@ -26,9 +30,11 @@ pub enum FailureKind {
     Tls,
     /// The connection broke, or the HTTP exchange failed.
     Io,
+    /// The AMQP connection, session or links failed (not a refusal with a DPS error).
+    Amqp,
     /// An answer this program could not make sense of.
     Protocol,
-    /// A wait ran out: `connect`, `tls`, `answer` or `device`.
+    /// A wait ran out: `connect`, `tls`, `open` (AMQP), `answer` or `device`.
     Timeout(&'static str),
     /// The device's task panicked (a bug in the load generator).
     Internal,
@@ -40,7 +46,13 @@ impl FailureKind {
         match self {
             Self::Status { .. } | Self::MqttRefused(_) => "status",
             Self::Registration { .. } | Self::PollsExhausted => "registration",
-            Self::Connect | Self::Tls | Self::Io | Self::Protocol | Self::Internal => "transport",
+            Self::Connect
+            | Self::Tls
+            | Self::Io
+            | Self::SaslOutcome(_)
+            | Self::Amqp
+            | Self::Protocol
+            | Self::Internal => "transport",
             Self::Timeout(_) => "timeout",
         }
     }
@@ -66,10 +78,13 @@ impl fmt::Display for FailureKind {
                 error_code: None,
             } => write!(f, "{status}"),
             Self::MqttRefused(code) => write!(f, "CONNACK return code {code}"),
+            Self::SaslOutcome(1) => f.write_str("SASL authentication refused (outcome auth)"),
+            Self::SaslOutcome(code) => write!(f, "SASL outcome code {code}"),
             Self::PollsExhausted => f.write_str("still assigning after the last poll"),
             Self::Connect => f.write_str("TCP connect"),
             Self::Tls => f.write_str("TLS handshake"),
             Self::Io => f.write_str("connection or HTTP error"),
+            Self::Amqp => f.write_str("AMQP connection or link error"),
             Self::Protocol => f.write_str("unexpected answer"),
             Self::Timeout(what) => write!(f, "timeout ({what})"),
             Self::Internal => f.write_str("load generator bug"),

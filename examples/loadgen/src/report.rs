@@ -104,6 +104,7 @@ pub struct FailureRow {
 pub struct SettingsUsed {
     pub target: String,
     pub mqtt_port: Option<u16>,
+    pub amqp_port: Option<u16>,
     pub id_scope: String,
     pub attestation: &'static str,
     pub transport: &'static str,
@@ -202,9 +203,16 @@ pub fn render(report: &Report) -> String {
         s.enrollment_group,
         s.loadgen_build,
     );
+    let mut ports = String::new();
+    if let Some(port) = s.mqtt_port {
+        let _ = write!(ports, ", MQTT port {port}");
+    }
+    if let Some(port) = s.amqp_port {
+        let _ = write!(ports, ", AMQP port {port}");
+    }
     let _ = writeln!(
         out,
-        "  target          {} (ID scope {})",
+        "  target          {}{ports} (ID scope {})",
         s.target, s.id_scope
     );
     let _ = writeln!(out);

@@ -46,6 +46,8 @@ struct Server {
     child: Child,
     port: u16,
     mqtt_port: u16,
+    /// The AMQP-over-TLS port, for builds that serve AMQP.
+    amqp_port: Option<u16>,
     id_scope: String,
     connection_string: String,
     ca: PathBuf,
@@ -65,13 +67,16 @@ impl Server {
             .arg(mqtt_port.to_string())
             .arg("--data-dir")
             .arg(data_dir.path());
-        // Builds that serve AMQP listen on 5671 by default; turn it off where the flag exists.
+        // Builds that serve AMQP listen on 5671 by default: give them a free port instead.
         let help = Command::new(&binary)
             .args(["serve", "--help"])
             .output()
             .unwrap();
-        if String::from_utf8_lossy(&help.stdout).contains("--amqp-port") {
-            command.args(["--amqp-port", "0"]);
+        let amqp_port = String::from_utf8_lossy(&help.stdout)
+            .contains("--amqp-port")
+            .then(free_port);
+        if let Some(port) = amqp_port {
+            command.arg("--amqp-port").arg(port.to_string());
         }
         let mut child = command
             .stdout(Stdio::piped())
@@ -112,6 +117,7 @@ impl Server {
         Server {
             port,
             mqtt_port,
+            amqp_port,
             id_scope: value("ID scope:"),
             connection_string: value("Connection string:"),
             ca: PathBuf::from(value("Trust this CA:")),
@@ -122,7 +128,11 @@ impl Server {
 
     /// Runs the load generator with --verify --json; its report and exit code.
     fn load(&self, prefix: &str, mode: &[&str]) -> (Value, Option<i32>) {
-        let output = Command::new(LOADGEN)
+        let mut command = Command::new(LOADGEN);
+        if let Some(port) = self.amqp_port {
+            command.arg("--amqp-port").arg(port.to_string());
+        }
+        let output = command
             .arg("--target")
             .arg(format!("https://127.0.0.1:{}", self.port))
             .arg("--mqtt-port")
@@ -214,6 +224,10 @@ impl Drop for Server {
 /// and a registration record per reported device read here.
 fn every_reported_device_has_a_record(prefix: &str, mode: &[&str]) {
     let server = Server::start();
+    assert!(
+        server.amqp_port.is_some() || !mode.contains(&"amqp"),
+        "this berth build has no --amqp-port"
+    );
     let (report, exit) = server.load(prefix, mode);
     assert_eq!(exit, Some(0), "{report:#}");
     assert_eq!(report["devices"], DEVICES, "{report:#}");
@@ -297,6 +311,22 @@ fn x509_over_https() {
 }
 
 #[test]
+fn symmetric_key_over_amqp() {
+    every_reported_device_has_a_record(
+        "sym-amqp",
+        &["--attestation", "symmetric-key", "--transport", "amqp"],
+    );
+}
+
+#[test]
+fn x509_over_amqp() {
+    every_reported_device_has_a_record(
+        "x509-amqp",
+        &["--attestation", "x509", "--transport", "amqp"],
+    );
+}
+
+#[test]
 fn refused_devices_are_counted_failed_by_kind_and_have_no_record() {
     let server = Server::start();
     // A group key that no enrollment holds: every device is refused at register.
@@ -324,6 +354,43 @@ fn refused_devices_are_counted_failed_by_kind_and_have_no_record() {
     assert_eq!(report["verify"]["recordsForRun"], 0);
     let client = server.client();
     assert_eq!(server.record_status(&client, "refused-0000000"), None);
+}
+
+#[test]
+fn amqp_devices_refused_in_sasl_are_counted_by_kind_and_have_no_record() {
+    let server = Server::start();
+    assert!(
+        server.amqp_port.is_some(),
+        "this berth build has no --amqp-port"
+    );
+    let (report, exit) = server.load(
+        "refused-amqp",
+        &[
+            "--transport",
+            "amqp",
+            "--setup",
+            "false",
+            "--enrollment-group",
+            "nobody",
+            "--group-key",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+        ],
+    );
+    assert_eq!(exit, Some(1), "failures make the exit code 1: {report:#}");
+    assert_eq!(report["assigned"], 0, "{report:#}");
+    assert_eq!(report["failed"], DEVICES, "{report:#}");
+    let failures = report["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{report:#}");
+    assert_eq!(failures[0]["category"], "transport");
+    assert_eq!(
+        failures[0]["kind"],
+        "SASL authentication refused (outcome auth)"
+    );
+    assert_eq!(failures[0]["count"], DEVICES);
+    assert_eq!(report["verify"]["ok"], true, "{report:#}");
+    assert_eq!(report["verify"]["recordsForRun"], 0);
+    let client = server.client();
+    assert_eq!(server.record_status(&client, "refused-amqp-0000000"), None);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! on SQLite an in-process gate also serializes write transactions, because a deferred
 //! SQLite transaction that reads and then writes fails outright under contention.
 
+mod batch;
 mod certificates;
 mod policies;
 mod sealing;
@@ -67,6 +68,8 @@ pub struct Store {
     backend: Backend,
     sealer: Sealer,
     write_gate: Option<Arc<Mutex<()>>>,
+    /// Group commit for the writes of device registrations.
+    batcher: batch::Batcher,
 }
 
 /// An enrollment as stored, with its server-managed fields.
@@ -228,11 +231,13 @@ impl Store {
         };
         MIGRATOR.run(&pool).await?;
         let write_gate = (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(())));
+        let batcher = batch::Batcher::start(pool.clone(), write_gate.clone());
         Ok(Self {
             pool,
             backend,
             sealer,
             write_gate,
+            batcher,
         })
     }
 
@@ -1080,24 +1085,32 @@ impl Store {
     // ---- registration operations -------------------------------------------------------
 
     pub async fn insert_operation(&self, row: &OperationRow) -> Result<()> {
-        let _gate = self.gate().await;
+        let row = row.clone();
         let now = now_utc();
-        sqlx::query(
-            "INSERT INTO operations (operation_id, registration_key, status, request, result, lease_until, created_unix, created, updated) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&row.operation_id)
-        .bind(&row.registration_key)
-        .bind(&row.status)
-        .bind(&row.request)
-        .bind(row.result.clone())
-        .bind(row.lease_until)
-        .bind(crate::clock::unix_now())
-        .bind(&now)
-        .bind(&now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let created_unix = crate::clock::unix_now();
+        self.batcher
+            .run(Arc::new(move |conn| {
+                let (row, now) = (row.clone(), now.clone());
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO operations (operation_id, registration_key, status, request, result, lease_until, created_unix, created, updated) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    )
+                    .bind(row.operation_id)
+                    .bind(row.registration_key)
+                    .bind(row.status)
+                    .bind(row.request)
+                    .bind(row.result)
+                    .bind(row.lease_until)
+                    .bind(created_unix)
+                    .bind(now.clone())
+                    .bind(now)
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            }))
+            .await
     }
 
     pub async fn operation(&self, operation_id: &str) -> Result<Option<OperationRow>> {
@@ -1149,25 +1162,32 @@ impl Store {
         state: &RegistrationState,
         record: Option<&RegistrationRecord>,
     ) -> Result<()> {
-        let _gate = self.gate().await;
-        let mut tx = self.pool.begin().await?;
-        let mut state = state.clone();
-        if let Some(record) = record {
-            state.etag = Some(Self::put_registration_on(&mut tx, record).await?);
-        }
-        let result =
-            serde_json::to_string(&state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query(
-            "UPDATE operations SET status = $1, result = $2, updated = $3 WHERE operation_id = $4",
-        )
-        .bind(&state.status)
-        .bind(result)
-        .bind(now_utc())
-        .bind(operation_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let operation_id = operation_id.to_owned();
+        let state = state.clone();
+        let record = record.cloned();
+        self.batcher
+            .run(Arc::new(move |conn| {
+                let (operation_id, mut state, record) =
+                    (operation_id.clone(), state.clone(), record.clone());
+                Box::pin(async move {
+                    if let Some(record) = &record {
+                        state.etag = Some(Self::put_registration_on(conn, record).await?);
+                    }
+                    let result = serde_json::to_string(&state)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    sqlx::query(
+                        "UPDATE operations SET status = $1, result = $2, updated = $3 WHERE operation_id = $4",
+                    )
+                    .bind(state.status)
+                    .bind(result)
+                    .bind(now_utc())
+                    .bind(operation_id)
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            }))
+            .await
     }
 
     /// Deletes operations older than `max_age_seconds`.
@@ -1264,29 +1284,37 @@ impl Store {
         hub: &str,
         identity: &crate::hubs::driver::DeviceIdentity,
     ) -> Result<()> {
-        let _gate = self.gate().await;
         let sealed = self.sealer.seal(
             &serde_json::to_string(identity).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         );
-        let now = now_utc();
-        let empty_twin = crate::hubs::driver::managed_twin(None).to_string();
-        sqlx::query(
-            "INSERT INTO hub_devices (hub_key, device_key, device_id, sealed_identity, twin, etag, created, updated) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (hub_key, device_key) DO UPDATE SET device_id = excluded.device_id, \
-             sealed_identity = excluded.sealed_identity, etag = excluded.etag, updated = excluded.updated",
-        )
-        .bind(hub.to_ascii_lowercase())
-        .bind(identity.device_id.to_ascii_lowercase())
-        .bind(&identity.device_id)
-        .bind(sealed)
-        .bind(empty_twin)
-        .bind(new_etag())
-        .bind(&now)
-        .bind(&now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let hub_key = hub.to_ascii_lowercase();
+        let device_id = identity.device_id.clone();
+        self.batcher
+            .run(Arc::new(move |conn| {
+                let (hub_key, device_id, sealed) =
+                    (hub_key.clone(), device_id.clone(), sealed.clone());
+                Box::pin(async move {
+                    let now = now_utc();
+                    sqlx::query(
+                        "INSERT INTO hub_devices (hub_key, device_key, device_id, sealed_identity, twin, etag, created, updated) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                         ON CONFLICT (hub_key, device_key) DO UPDATE SET device_id = excluded.device_id, \
+                         sealed_identity = excluded.sealed_identity, etag = excluded.etag, updated = excluded.updated",
+                    )
+                    .bind(hub_key)
+                    .bind(device_id.to_ascii_lowercase())
+                    .bind(device_id)
+                    .bind(sealed)
+                    .bind(crate::hubs::driver::managed_twin(None).to_string())
+                    .bind(new_etag())
+                    .bind(now.clone())
+                    .bind(now)
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            }))
+            .await
     }
 
     pub async fn hub_twin(&self, hub: &str, device_id: &str) -> Result<Option<serde_json::Value>> {
@@ -1299,22 +1327,30 @@ impl Store {
         device_id: &str,
         twin: &serde_json::Value,
     ) -> Result<()> {
-        let _gate = self.gate().await;
-        let done = sqlx::query("UPDATE hub_devices SET twin = $1, etag = $2, updated = $3 WHERE hub_key = $4 AND device_key = $5")
-            .bind(crate::hubs::driver::managed_twin(Some(twin)).to_string())
-            .bind(new_etag())
-            .bind(now_utc())
-            .bind(hub.to_ascii_lowercase())
-            .bind(device_id.to_ascii_lowercase())
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(
-                NotFoundKind::Registration,
-                device_id.to_owned(),
-            ));
-        }
-        Ok(())
+        let twin = crate::hubs::driver::managed_twin(Some(twin)).to_string();
+        let hub_key = hub.to_ascii_lowercase();
+        let device_id = device_id.to_owned();
+        self.batcher
+            .run(Arc::new(move |conn| {
+                let (twin, hub_key, device_id) = (twin.clone(), hub_key.clone(), device_id.clone());
+                Box::pin(async move {
+                    let done = sqlx::query(
+                        "UPDATE hub_devices SET twin = $1, etag = $2, updated = $3 WHERE hub_key = $4 AND device_key = $5",
+                    )
+                    .bind(twin)
+                    .bind(new_etag())
+                    .bind(now_utc())
+                    .bind(hub_key)
+                    .bind(device_id.to_ascii_lowercase())
+                    .execute(conn)
+                    .await?;
+                    if done.rows_affected() == 0 {
+                        return Err(StoreError::NotFound(NotFoundKind::Registration, device_id));
+                    }
+                    Ok(())
+                })
+            }))
+            .await
     }
 
     pub async fn hub_delete_device(&self, hub: &str, device_id: &str) -> Result<()> {
