@@ -308,6 +308,7 @@ pub struct PolicyEngine {
     cache_dir: Option<PathBuf>,
     fingerprint: String,
     prepared: Mutex<HashMap<String, Prepared>>,
+    compiling: Mutex<()>,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -374,6 +375,7 @@ impl PolicyEngine {
             cache_dir,
             fingerprint,
             prepared: Mutex::new(HashMap::new()),
+            compiling: Mutex::new(()),
         });
         spawn_epoch_ticker(Arc::downgrade(&this));
         Ok(this)
@@ -417,14 +419,23 @@ impl PolicyEngine {
 
     /// The prepared form of a stored version, compiled at most once per process and read
     /// from the artifact cache when another run compiled it.
+    /// The prepared version of a module this engine has already prepared.
+    pub fn prepared(&self, hash: &str) -> Option<Prepared> {
+        self.prepared.lock().ok()?.get(hash).cloned()
+    }
+
     pub fn prepare(&self, hash: &str, bytes: &[u8]) -> Result<Prepared, PolicyError> {
-        if let Some(found) = self
-            .prepared
+        if let Some(found) = self.prepared(hash) {
+            return Ok(found);
+        }
+        // One compilation at a time: registrations arriving together for a policy nobody has
+        // compiled yet wait for the first one instead of compiling it each.
+        let _compiling = self
+            .compiling
             .lock()
-            .map_err(|_| PolicyError::Host("poisoned cache".into()))?
-            .get(hash)
-        {
-            return Ok(found.clone());
+            .map_err(|_| PolicyError::Host("poisoned compile lock".into()))?;
+        if let Some(found) = self.prepared(hash) {
+            return Ok(found);
         }
         let component = if let Some(component) = self.load_cached(hash) {
             component

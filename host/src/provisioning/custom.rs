@@ -70,24 +70,37 @@ impl Custom {
         &self.engine
     }
 
-    /// Loads (and compiles, once) a policy version.
+    /// Loads (and compiles, once) a policy version. The module is read from the database only
+    /// when this node has not prepared that version yet.
     pub async fn load(&self, reference: &PolicyRef) -> Result<LoadedPolicy, String> {
-        let (meta, bytes) = self
+        let missing = || match reference.version {
+            Some(version) => format!("policy '{}' has no version {version}", reference.name),
+            None => format!("there is no policy '{}'", reference.name),
+        };
+        let unreadable =
+            |e: crate::store::StoreError| format!("cannot read policy '{}': {e}", reference.name);
+        let meta = self
             .store
-            .policy_module(&reference.name, reference.version)
+            .policy_version(&reference.name, reference.version)
             .await
-            .map_err(|e| format!("cannot read policy '{}': {e}", reference.name))?
-            .ok_or_else(|| match reference.version {
-                Some(version) => format!("policy '{}' has no version {version}", reference.name),
-                None => format!("there is no policy '{}'", reference.name),
-            })?;
+            .map_err(unreadable)?
+            .ok_or_else(missing)?;
         let limits: Limits = serde_json::from_str(&meta.limits).unwrap_or_default();
-        let engine = self.engine.clone();
-        let hash = meta.sha256.clone();
-        let prepared = tokio::task::spawn_blocking(move || engine.prepare(&hash, &bytes))
-            .await
-            .map_err(|e| format!("the policy compiler stopped: {e}"))?
-            .map_err(|e| e.to_string())?;
+        let prepared = if let Some(prepared) = self.engine.prepared(&meta.sha256) {
+            prepared
+        } else {
+            let (meta, bytes) = self
+                .store
+                .policy_module(&meta.name, Some(meta.version))
+                .await
+                .map_err(unreadable)?
+                .ok_or_else(missing)?;
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || engine.prepare(&meta.sha256, &bytes))
+                .await
+                .map_err(|e| format!("the policy compiler stopped: {e}"))?
+                .map_err(|e| e.to_string())?
+        };
         Ok(LoadedPolicy {
             label: format!("{}@{}", meta.name, meta.version),
             prepared,

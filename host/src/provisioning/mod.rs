@@ -128,6 +128,13 @@ struct OperationRequest {
     certificate: Option<crate::attestation::chain::LeafFacts>,
 }
 
+/// What register hands to the assignment it starts, so that it is not read back.
+#[derive(Debug)]
+struct Prefetched {
+    request: OperationRequest,
+    enrollment: crate::store::EnrollmentRow,
+}
+
 /// Settings of device registration.
 #[derive(Debug, Clone, Default)]
 pub struct ProvisioningSettings {
@@ -146,10 +153,53 @@ pub struct Provisioning {
     throttle: Throttle,
     metrics: Arc<Metrics>,
     custom: Arc<custom::Custom>,
-    /// Operations this node is assigning, so that a poll can wait for the outcome instead of
-    /// answering `assigning` and being polled again (each poll costs an attestation).
-    running:
-        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>>,
+    /// Operations this node started lately, so that a poll can wait for the outcome instead
+    /// of answering `assigning` and being polled again, and skip the attestation its register
+    /// request already made with the same credential.
+    running: std::sync::Mutex<RunningMap>,
+}
+
+/// The operations this node started, swept of old entries at most once a second (a sweep
+/// walks the whole map).
+#[derive(Debug)]
+struct RunningMap {
+    entries: std::collections::HashMap<String, Running>,
+    swept: Instant,
+}
+
+impl Default for RunningMap {
+    fn default() -> Self {
+        Self {
+            entries: std::collections::HashMap::new(),
+            swept: Instant::now(),
+        }
+    }
+}
+
+/// An operation this node started.
+#[derive(Debug, Clone)]
+struct Running {
+    registration_key: String,
+    /// What the register request proved itself with: its SAS token, or its certificate.
+    credential: Vec<u8>,
+    done: tokio::sync::watch::Receiver<bool>,
+    started: Instant,
+}
+
+/// How long a started operation's entry is kept for its polls.
+const RUNNING_KEPT: Duration = Duration::from_secs(30);
+/// Entries are swept once the map holds this many; beyond `RUNNING_CAP` new operations are
+/// not remembered (their polls attest and read the database, as on any other node).
+const RUNNING_SWEEP: usize = 4096;
+const RUNNING_CAP: usize = 200_000;
+
+/// The credential a call proves itself with, to recognize the same device's next poll.
+fn credential(call: &DeviceCall<'_>) -> Vec<u8> {
+    match (call.authorization, call.x509()) {
+        (Some(token), _) => token.as_bytes().to_vec(),
+        (None, Some(chain)) => chain.first().cloned().unwrap_or_default(),
+        (None, None) => Vec::new(),
+    }
 }
 
 /// How long a poll waits for an assignment running on this node before it answers
@@ -310,15 +360,31 @@ impl Provisioning {
         self.store.insert_operation(&row).await?;
         let this = Arc::clone(self);
         let id = operation_id.clone();
-        let (done, running) = tokio::sync::watch::channel(false);
+        let (done, watch) = tokio::sync::watch::channel(false);
         if let Ok(mut map) = self.running.lock() {
-            map.insert(operation_id.clone(), running);
-        }
-        tokio::spawn(async move {
-            this.process(&id).await;
-            if let Ok(mut map) = this.running.lock() {
-                map.remove(&id);
+            if map.entries.len() >= RUNNING_SWEEP && map.swept.elapsed() >= Duration::from_secs(1) {
+                map.entries
+                    .retain(|_, entry| entry.started.elapsed() < RUNNING_KEPT);
+                map.swept = Instant::now();
             }
+            if map.entries.len() < RUNNING_CAP {
+                map.entries.insert(
+                    operation_id.clone(),
+                    Running {
+                        registration_key: row.registration_key.clone(),
+                        credential: credential(&call),
+                        done: watch,
+                        started: Instant::now(),
+                    },
+                );
+            }
+        }
+        let prefetched = Prefetched {
+            request,
+            enrollment: attested.enrollment,
+        };
+        tokio::spawn(async move {
+            Box::pin(this.process(&id, Some(prefetched))).await;
             let _ = done.send(true);
         });
         Ok(assigning(&operation_id, call.registration_id))
@@ -363,15 +429,24 @@ impl Provisioning {
     ) -> Result<OperationStatus, ServiceError> {
         self.check_call(&call)?;
         self.throttle.admit_poll(call.registration_id)?;
-        self.attest(&call).await?;
         let not_found = || ServiceError::not_found(NotFoundKind::Operation, operation_id);
         let running = self
             .running
             .lock()
             .ok()
-            .and_then(|map| map.get(operation_id).cloned());
+            .and_then(|map| map.entries.get(operation_id).cloned())
+            .filter(|r| r.started.elapsed() < RUNNING_KEPT);
+        // The register request on this node attested this very credential moments ago.
+        let attested_here = running.as_ref().is_some_and(|r| {
+            r.registration_key == call.registration_id.to_ascii_lowercase()
+                && !r.credential.is_empty()
+                && r.credential == credential(&call)
+        });
+        if !attested_here {
+            self.attest(&call).await?;
+        }
         if let Some(mut running) = running {
-            let _ = tokio::time::timeout(POLL_WAIT, running.wait_for(|done| *done)).await;
+            let _ = tokio::time::timeout(POLL_WAIT, running.done.wait_for(|done| *done)).await;
         }
         let mut row = self
             .store
@@ -390,7 +465,8 @@ impl Provisioning {
                 .await?
         {
             tracing::info!(operation_id, "taking over an operation whose lease expired");
-            self.process(operation_id).await;
+            // Boxed: the assignment's state is large and this path is rare.
+            Box::pin(self.process(operation_id, None)).await;
             row = self
                 .store
                 .operation(operation_id)
@@ -427,9 +503,9 @@ impl Provisioning {
 
     /// Runs the assignment of an operation and records its outcome. Never fails: whatever
     /// goes wrong becomes the operation's `failed` state.
-    async fn process(&self, operation_id: &str) {
+    async fn process(&self, operation_id: &str, prefetched: Option<Prefetched>) {
         let started = Instant::now();
-        let outcome = self.assign(operation_id).await;
+        let outcome = self.assign(operation_id, prefetched).await;
         let (state, record) = match outcome {
             Ok(Some(done)) => done,
             Ok(None) => return,
@@ -502,6 +578,7 @@ impl Provisioning {
     async fn assign(
         &self,
         operation_id: &str,
+        prefetched: Option<Prefetched>,
     ) -> Result<
         Option<(RegistrationState, Option<RegistrationRecord>)>,
         (Option<OperationRequest>, u32, String),
@@ -514,31 +591,44 @@ impl Provisioning {
                 "the provisioning service failed; retry the registration".to_owned(),
             )
         };
-        let row = match self.store.operation(operation_id).await {
-            Ok(Some(row)) if row.status == "assigning" => row,
-            Ok(_) => return Ok(None),
-            Err(error) => return Err(internal(None, &error)),
+        // A registration this node just attested brings what it read; an operation taken over
+        // from another node is read back from the database.
+        let fresh = prefetched.is_some();
+        let (request, enrollment) = if let Some(prefetched) = prefetched {
+            (prefetched.request, prefetched.enrollment)
+        } else {
+            let row = match self.store.operation(operation_id).await {
+                Ok(Some(row)) if row.status == "assigning" => row,
+                Ok(_) => return Ok(None),
+                Err(error) => return Err(internal(None, &error)),
+            };
+            let request: OperationRequest =
+                serde_json::from_str(&row.request).map_err(|e| internal(None, &e))?;
+            let kind = if request.group {
+                EnrollmentKind::Group
+            } else {
+                EnrollmentKind::Individual
+            };
+            match self.store.enrollment(kind, &request.enrollment_id).await {
+                Ok(Some(row)) => (request, row),
+                Ok(None) => {
+                    return Err((
+                        Some(request),
+                        404_201,
+                        "the device's enrollment was deleted during the registration".to_owned(),
+                    ))
+                }
+                Err(error) => return Err(internal(Some(&request), &error)),
+            }
         };
-        let request: OperationRequest =
-            serde_json::from_str(&row.request).map_err(|e| internal(None, &e))?;
         let kind = if request.group {
             EnrollmentKind::Group
         } else {
             EnrollmentKind::Individual
         };
-        let enrollment = match self.store.enrollment(kind, &request.enrollment_id).await {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                return Err((
-                    Some(request),
-                    404_201,
-                    "the device's enrollment was deleted during the registration".to_owned(),
-                ))
-            }
-            Err(error) => return Err(internal(Some(&request), &error)),
-        };
         let registration_id = request.registration_id.clone();
-        let individual = if kind == EnrollmentKind::Group {
+        // Attestation has just weighed the device's individual entry (`blocked`).
+        let individual = if kind == EnrollmentKind::Group && !fresh {
             self.store
                 .enrollment(EnrollmentKind::Individual, &registration_id)
                 .await

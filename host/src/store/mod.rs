@@ -214,6 +214,9 @@ impl Store {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute("PRAGMA synchronous = FULL").await?;
                             conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            // 8 MiB of page cache per connection (SQLite's default is 2):
+                            // lookups stay in memory as the registration tables grow.
+                            conn.execute("PRAGMA cache_size = -8192").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
                             Ok(())
                         })

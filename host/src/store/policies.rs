@@ -115,6 +115,34 @@ impl Store {
     }
 
     /// A version (the latest when `version` is `None`) with its bytes.
+    /// A policy version without its module: what a registration needs when the compiled
+    /// module is already in memory (reading and decoding the module costs more than the call).
+    pub async fn policy_version(
+        &self,
+        name: &str,
+        version: Option<i64>,
+    ) -> Result<Option<PolicyVersion>> {
+        const COLUMNS: &str = "name, version, world, sha256, size, limits, created";
+        let row = match version {
+            Some(version) => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM policies WHERE name_key = $1 AND version = $2"
+                ))
+                .bind(name.to_ascii_lowercase())
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            None => sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM policies WHERE name_key = $1 ORDER BY version DESC LIMIT 1"
+            ))
+            .bind(name.to_ascii_lowercase())
+            .fetch_optional(&self.pool)
+            .await?,
+        };
+        row.as_ref().map(policy_from_row).transpose()
+    }
+
     pub async fn policy_module(
         &self,
         name: &str,
