@@ -63,13 +63,13 @@ class Node:
     """A release `berth serve` on free loopback ports."""
 
     def __init__(self, name: str, *, database_url: str | None = None, env: dict | None = None,
-                 data_dir: Path | None = None):
+                 data_dir: Path | None = None, ports: tuple | None = None):
         self.name = name
         self.data_dir = data_dir or OUT / name
         if data_dir is None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.https, self.mqtt, self.amqp = free_ports(3)
+        self.https, self.mqtt, self.amqp = ports or free_ports(3)
         args = [str(BERTH), "serve", "--bind", "127.0.0.1", "--https-port", str(self.https), "--mqtt-port",
                 str(self.mqtt), "--amqp-port", str(self.amqp), "--data-dir", str(self.data_dir)]
         if database_url:
@@ -92,6 +92,11 @@ class Node:
         self.connection_string = banner["Connection string"].split()[0]
         self.ca = str(self.data_dir / "ca.pem")
         self.pid = self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush beyond what was committed."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         if self.proc.poll() is not None:
@@ -286,7 +291,7 @@ def main() -> None:
         policy = loadgen(node, f"sym-keepalive-wasm-policy-{attempt}", "--devices", n, "--concurrency", c,
                          "--transport", "https-keepalive", "--setup", "false", "--enrollment-group",
                          "bench-custom", "--group-key", group_key, "--prefix",
-                         f"breakroom-contoso-tstrsd-007-{attempt}-{int(time.time())}")
+                         f"b-contoso-tstrsd-007-{attempt}-{int(time.time()) % 100000}")
         policy["label"] = f"sym-keepalive-wasm-policy-{attempt}"
         pairs.append((hashed, policy))
     cpu = lambda r: (r.get("server") or {}).get("cpuMicrosPerRegistration") or 0  # noqa: E731
@@ -317,6 +322,29 @@ def main() -> None:
                          [row(before, "before seeding"), row(after_enrollments, "+100,000 enrollments"),
                           row(after_records, "+1,000,000 registration records (server restarted)")]))
     node.stop()
+
+    # -- nothing lost: a run with --verify, the server killed (SIGKILL) mid-run and restarted -------------
+    victim = Node("kill")
+    ports = (victim.https, victim.mqtt, victim.amqp)
+    outcome: dict = {}
+
+    def run_through_kill() -> None:
+        outcome["report"] = loadgen(victim, "kill-restart", "--devices", n, "--concurrency", c, "--transport",
+                                    "https-keepalive", "--verify", "--request-timeout", "10")
+
+    driver = threading.Thread(target=run_through_kill)
+    driver.start()
+    time.sleep(1.0)
+    victim.kill()
+    restarted = Node("kill", data_dir=victim.data_dir, ports=ports)
+    driver.join(timeout=1800)
+    report = outcome["report"]
+    verify = report.get("verify") or {}
+    sections.append(("Nothing lost: SIGKILL one second into the run, restart on the same data", [
+        row(report, f"acknowledged assigned {verify.get('assignedCounted')}, records {verify.get('recordsForRun')} "
+                    f"(assigned {verify.get('assignedRecords')}), acknowledged without record "
+                    f"{verify.get('missing')}, record without acknowledgement {verify.get('uncounted')}")]))
+    restarted.stop()
 
     # -- PostgreSQL, and two nodes on one PostgreSQL --------------------------------------------------
     if os.environ.get("BENCH_SKIP_POSTGRES") != "1":
