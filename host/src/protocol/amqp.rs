@@ -147,7 +147,9 @@ pub async fn websocket(
     };
     upgrade
         .protocols([token])
-        .max_message_size(usize::try_from(MAX_MESSAGE).unwrap_or(usize::MAX) * 2)
+        // A WebSocket message carries AMQP frames (at most MAX_FRAME each, a message spanning
+        // several); twice the largest request leaves room for the frames' own headers.
+        .max_message_size(usize::try_from(MAX_MESSAGE).map_or(usize::MAX, |m| m.saturating_mul(2)))
         .on_upgrade(move |socket| {
             super::websocket::bridge(socket, move |stream| {
                 connection(stream, provisioning, Protocol::AmqpWs, peer, certificates)

@@ -227,6 +227,22 @@ async fn a_symmetric_key_device_registers_over_sasl_plain() {
             "hub-amqp.example.net"
         );
 
+        // A request over the 96 KB limit: the server's receiving link advertises its
+        // max-message-size, so a conforming client refuses to send it.
+        let oversized = Message::builder()
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("iotdps-operation-type", "iotdps-register")
+                    .build(),
+            )
+            .data(vec![b' '; 200 * 1024])
+            .build();
+        let error = device.sender.send(oversized).await.unwrap_err();
+        assert!(
+            matches!(error, fe2o3_amqp::link::SendError::MessageSizeExceeded(_)),
+            "{error:?}"
+        );
+
         // An unknown operation type is rejected with the DPS error; the connection goes on.
         let refused = device.request("iotdps-bogus", None, "").await.unwrap_err();
         let body: Json = serde_json::from_str(&refused).unwrap();

@@ -133,12 +133,14 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?
             }
-            None => sqlx::query(&format!(
+            None => {
+                sqlx::query(&format!(
                 "SELECT {COLUMNS} FROM policies WHERE name_key = $1 ORDER BY version DESC LIMIT 1"
             ))
-            .bind(name.to_ascii_lowercase())
-            .fetch_optional(&self.pool)
-            .await?,
+                .bind(name.to_ascii_lowercase())
+                .fetch_optional(&self.pool)
+                .await?
+            }
         };
         row.as_ref().map(policy_from_row).transpose()
     }
