@@ -440,7 +440,10 @@ impl Provisioning {
         let attested_here = running.as_ref().is_some_and(|r| {
             r.registration_key == call.registration_id.to_ascii_lowercase()
                 && !r.credential.is_empty()
-                && r.credential == credential(&call)
+                && bool::from(subtle::ConstantTimeEq::ct_eq(
+                    r.credential.as_slice(),
+                    credential(&call).as_slice(),
+                ))
         });
         if !attested_here {
             self.attest(&call).await?;
