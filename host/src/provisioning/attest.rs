@@ -232,13 +232,16 @@ pub async fn attest_x509(
 ) -> Result<Attested, ServiceError> {
     let authorities = store.ca_certificates().await?;
     let groups = store.x509_groups().await?;
+    // Each group's signing certificates, parsed once: they complete chains and are matched.
+    let signing: Vec<Vec<ParsedCertificate>> = groups
+        .iter()
+        .map(|group| signing_certificates(&group.record.doc).collect())
+        .collect();
     let mut held: Vec<Vec<u8>> = authorities
         .iter()
         .filter_map(|ca| parse_certificate(&ca.pem).ok().map(|c| c.der))
         .collect();
-    for group in &groups {
-        held.extend(signing_certificates(&group.record.doc).map(|c| c.der));
-    }
+    held.extend(signing.iter().flatten().map(|c| c.der.clone()));
     let chain = chain::check(certificates, &held, x509_parser::time::ASN1Time::now())
         .map_err(invalid_certificate)?;
     check_common_name(&chain, registration_id)?;
@@ -247,30 +250,43 @@ pub async fn attest_x509(
         .filter(|ca| ca.is_verified)
         .map(|ca| ca.info.sha256_thumbprint.as_str())
         .collect();
-    let references = |doc: &Enrollment| -> Vec<String> {
-        let Some(x509) = doc.attestation.as_ref().and_then(|a| a.x509.as_ref()) else {
+    // The thumbprints of the CA certificates an enrollment's `caReferences` name.
+    let ca_references = |doc: &Enrollment| -> Vec<String> {
+        let Some(refs) = doc
+            .attestation
+            .as_ref()
+            .and_then(|a| a.x509.as_ref())
+            .and_then(|x| x.ca_references.as_ref())
+        else {
             return Vec::new();
         };
-        let mut thumbprints: Vec<String> = signing_certificates(doc)
-            .map(|c| c.info.sha256_thumbprint)
-            .collect();
-        if let Some(refs) = &x509.ca_references {
-            for name in [&refs.primary, &refs.secondary].into_iter().flatten() {
-                if let Some(ca) = authorities
+        [&refs.primary, &refs.secondary]
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                authorities
                     .iter()
                     .find(|ca| ca.name.eq_ignore_ascii_case(name))
-                {
-                    thumbprints.push(ca.info.sha256_thumbprint.clone());
-                }
-            }
-        }
-        thumbprints
+            })
+            .map(|ca| ca.info.sha256_thumbprint.clone())
+            .collect()
     };
+    let group_references: Vec<Vec<String>> = groups
+        .iter()
+        .zip(&signing)
+        .map(|(group, certificates)| {
+            certificates
+                .iter()
+                .map(|c| c.info.sha256_thumbprint.clone())
+                .chain(ca_references(&group.record.doc))
+                .collect()
+        })
+        .collect();
     // The entries that name a certificate of the chain above the leaf, most specific first.
     let mut matches: Vec<(usize, &EnrollmentRow)> = Vec::new();
     for (position, link) in chain.links.iter().enumerate().skip(1) {
-        for group in &groups {
-            if references(&group.record.doc).contains(&link.sha256) {
+        for (group, references) in groups.iter().zip(&group_references) {
+            if references.contains(&link.sha256) {
                 matches.push((position, group));
             }
         }
@@ -294,7 +310,8 @@ pub async fn attest_x509(
     };
     if let Some(row) = &individual {
         if row.record.attestation_type() == AttestationType::X509 {
-            let admitted = individual_admits(&chain, &row.record.doc, &references, &trusted_from);
+            let admitted =
+                individual_admits(&chain, &row.record.doc, &ca_references, &trusted_from);
             match admitted {
                 Ok(()) => return Ok(attested(EnrollmentKind::Individual, row)),
                 Err(why) if !disabled(row) => return Err(invalid_certificate(why)),
@@ -350,7 +367,8 @@ fn check_common_name(chain: &DeviceChain, registration_id: &str) -> Result<(), S
 }
 
 /// An individual X.509 enrollment admits the device whose leaf is one of its certificates,
-/// or whose chain reaches one of its verified CA references.
+/// or whose chain reaches one of its verified CA references (individual enrollments carry no
+/// signing certificates).
 fn individual_admits(
     chain: &DeviceChain,
     doc: &Enrollment,
